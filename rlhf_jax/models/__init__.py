@@ -1,0 +1,5 @@
+"""LLaMA-style networks: trunk (transformer.py), heads (heads.py), imports (hf_import.py)."""
+
+from rlhf_jax.models.config import TransformerConfig
+from rlhf_jax.models.heads import PolicyModel, RewardModel, ValueModel, build
+from rlhf_jax.models.transformer import KVCache, Transformer, init_cache, last_token_index, positions_from_mask

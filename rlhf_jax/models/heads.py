@@ -1,0 +1,97 @@
+"""Policy, value and reward networks: one `Transformer` trunk, three heads.
+
+* `PolicyModel`: logits [B, T, V] (float32), LM head tied to the embedding or separate.
+* `ValueModel`:  a scalar per token [B, T]; linear head initialised to zero, so a fresh
+  critic predicts 0 everywhere (the shared-trunk PPO convention).
+* `RewardModel`: a scalar per sequence [B], read at the last non-pad token; head initialised
+  N(0, 1/sqrt(d_model + 1)) as in lm-human-preferences.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import TransformerConfig
+from rlhf_jax.models.layers import param
+from rlhf_jax.models.transformer import KVCache, Transformer, last_token_index
+
+
+class PolicyModel(nnx.Module):
+
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.trunk = Transformer(cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head_DxV = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                               cfg.init_std, cfg.jnp_param_dtype)
+
+  def __call__(self, tokens_BxT, mask_BxT, cache: KVCache | None = None):
+    """(logits_BxTxV in float32, updated cache or None)."""
+    h_BxTxD, cache = self.trunk(tokens_BxT, mask_BxT, cache)
+    dt = self.cfg.jnp_dtype
+    if self.cfg.tie_embeddings:
+      w_DxV = self.trunk.embed_VxD[...].T
+    else:
+      w_DxV = self.lm_head_DxV[...]
+    # float32 logits: log-probs and KL in RL are differences of large numbers.
+    logits_BxTxV = jnp.einsum("BTD,DV->BTV", h_BxTxD.astype(dt), w_DxV.astype(dt),
+                              preferred_element_type=jnp.float32)
+    return logits_BxTxV, cache
+
+
+class ScalarHead(nnx.Module):
+  """Linear D -> 1 with bias, computed in float32."""
+
+  def __init__(self, cfg: TransformerConfig, std: float, rngs: nnx.Rngs):
+    self.w_Dx1 = param(rngs, (cfg.d_model, 1), ("embed", "scalar"), std, jnp.float32)
+    self.b_1 = nnx.Param(jnp.zeros((1,), jnp.float32), logical_axes=("scalar",))
+
+  def __call__(self, h_BxTxD: jax.Array) -> jax.Array:
+    out_BxTx1 = h_BxTxD.astype(jnp.float32) @ self.w_Dx1[...] + self.b_1[...]
+    return out_BxTx1[..., 0]
+
+
+class ValueModel(nnx.Module):
+
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.trunk = Transformer(cfg, rngs)
+    self.value_head = ScalarHead(cfg, 0.0, rngs)
+
+  def __call__(self, tokens_BxT, mask_BxT) -> jax.Array:
+    """Value estimate per token, [B, T] float32."""
+    h_BxTxD, _ = self.trunk(tokens_BxT, mask_BxT)
+    return self.value_head(h_BxTxD)
+
+
+class RewardModel(nnx.Module):
+
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.trunk = Transformer(cfg, rngs)
+    self.reward_head = ScalarHead(cfg, 1.0 / math.sqrt(cfg.d_model + 1), rngs)
+
+  def per_token(self, tokens_BxT, mask_BxT) -> jax.Array:
+    """The head applied at every position, [B, T] (a critic initialised from the RM uses it)."""
+    h_BxTxD, _ = self.trunk(tokens_BxT, mask_BxT)
+    return self.reward_head(h_BxTxD)
+
+  def __call__(self, tokens_BxT, mask_BxT) -> jax.Array:
+    """Score of each sequence, read at its last non-pad token, [B] float32."""
+    r_BxT = self.per_token(tokens_BxT, mask_BxT)
+    idx_B = last_token_index(mask_BxT)
+    return jnp.take_along_axis(r_BxT, idx_B[:, None], axis=1)[:, 0]
+
+
+MODEL_KINDS = {"policy": PolicyModel, "value": ValueModel, "reward": RewardModel}
+
+
+def build(kind: str, cfg: TransformerConfig, seed: int = 0) -> nnx.Module:
+  """A freshly initialised network of one of `MODEL_KINDS`."""
+  if kind not in MODEL_KINDS:
+    raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(MODEL_KINDS)}.")
+  return MODEL_KINDS[kind](cfg, nnx.Rngs(params=seed))

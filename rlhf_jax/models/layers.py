@@ -1,0 +1,116 @@
+"""The pieces of a LLaMA block: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Shapes are in the names: B batch, T query length, S key length (the KV cache), D d_model,
+N query heads, K key/value heads, H head dim, F SwiGLU hidden, V vocab.
+Parameters carry logical axis names only (see `rlhf_jax/sharding.py` for the mesh mapping).
+Statistics that are sensitive to precision (RMS, RoPE angles, softmax) run in float32
+whatever the compute dtype, as Hugging Face's LLaMA does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax import sharding
+from rlhf_jax.models.config import TransformerConfig
+
+
+def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+  """A normal(0, std) parameter tagged with its logical axes (std 0 gives zeros)."""
+  value = std * jax.random.normal(rngs.params(), shape, dtype) if std else jnp.zeros(shape, dtype)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, cfg: TransformerConfig):
+    self.eps = cfg.rms_norm_eps
+    self.dtype = cfg.jnp_dtype
+    self.scale = nnx.Param(jnp.ones((cfg.d_model,), cfg.jnp_param_dtype), logical_axes=("norm",))
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return x.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the Hugging Face LLaMA layout (rotate-half, not interleaved)."""
+  h = x_BxTxNxH.shape[-1]
+  inv_freq_H2 = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_H2
+  angles_BxTx1xH = jnp.concatenate([angles_BxTxH2, angles_BxTxH2], axis=-1)[:, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  out = x * jnp.cos(angles_BxTx1xH) + rotated * jnp.sin(angles_BxTx1xH)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal self-attention with grouped-query heads and an optional KV cache."""
+
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    std, pdt = cfg.init_std, cfg.jnp_param_dtype
+    self.theta = cfg.rope_theta
+    self.dtype = cfg.jnp_dtype
+    self.q_DxNxH = param(rngs, (d, n, h), ("embed", "heads", "kv"), std, pdt)
+    self.k_DxKxH = param(rngs, (d, k, h), ("embed", "kv_heads", "kv"), std, pdt)
+    self.v_DxKxH = param(rngs, (d, k, h), ("embed", "kv_heads", "kv"), std, pdt)
+    self.o_NxHxD = param(rngs, (n, h, d), ("heads", "kv", "embed"), std, pdt)
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None):
+    """Returns (output_BxTxD, (k_BxSxKxH, v_BxSxKxH)).
+
+    Without a cache S == T and the returned k/v are this call's. With a cache
+    `(k_BxSxKxH, v_BxSxKxH)`, this call's keys/values are written at slots
+    [cache_index, cache_index + T) and attention runs over all S slots; `mask_BxTxS`
+    says which slots each query may see.
+    """
+    dt = self.dtype
+    x = x_BxTxD.astype(dt)
+    q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x, self.q_DxNxH[...].astype(dt))
+    k_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x, self.k_DxKxH[...].astype(dt))
+    v_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x, self.v_DxKxH[...].astype(dt))
+    q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.theta)
+    k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.theta)
+    q_BxTxNxH = sharding.constrain(
+        q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", None))
+
+    if kv_cache is None:
+      k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+    else:
+      k_cache, v_cache = kv_cache
+      at = (0, cache_index, 0, 0)
+      k_BxSxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), at)
+      v_BxSxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), at)
+
+    # jax.nn.dot_product_attention handles K < N (GQA) and keeps the softmax in float32;
+    # fully masked rows (pad queries) get uniform weights, i.e. finite garbage, not NaN.
+    out_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt), mask=mask_BxTxS[:, None])
+    out_BxTxD = jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH, self.o_NxHxD[...].astype(dt))
+    return out_BxTxD, (k_BxSxKxH, v_BxSxKxH)
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x)), the LLaMA feed-forward block."""
+
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    d, f, std, pdt = cfg.d_model, cfg.mlp_dim, cfg.init_std, cfg.jnp_param_dtype
+    self.dtype = cfg.jnp_dtype
+    self.gate_DxF = param(rngs, (d, f), ("embed", "mlp"), std, pdt)
+    self.up_DxF = param(rngs, (d, f), ("embed", "mlp"), std, pdt)
+    self.down_FxD = param(rngs, (f, d), ("mlp", "embed"), std, pdt)
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    dt = self.dtype
+    x = x_BxTxD.astype(dt)
+    gate_BxTxF = jnp.einsum("BTD,DF->BTF", x, self.gate_DxF[...].astype(dt))
+    up_BxTxF = jnp.einsum("BTD,DF->BTF", x, self.up_DxF[...].astype(dt))
+    h_BxTxF = sharding.constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF,
+                                 ("activation_batch", "activation_length", "activation_mlp"))
+    return jnp.einsum("BTF,FD->BTD", h_BxTxF, self.down_FxD[...].astype(dt))

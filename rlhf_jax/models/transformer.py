@@ -1,0 +1,122 @@
+"""The decoder trunk shared by the policy, value and reward networks.
+
+    tokens -> embed -> num_layers x [x + attn(norm(x)); x + swiglu(norm(x))] -> norm -> h
+
+Padding is described by `mask_BxT` (1 = real token, 0 = pad). Position ids come from the
+mask, so a left-padded prompt gives every real token the same position, hence the same
+output, as the unpadded prompt. The optional `KVCache` makes the same code path serve a
+full forward, a prefill and one-token decode steps.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax import sharding
+from rlhf_jax.models.config import TransformerConfig
+from rlhf_jax.models.layers import Attention, RMSNorm, SwiGLU, param
+
+
+class KVCache(NamedTuple):
+  """Preallocated keys/values for every layer, plus the bookkeeping of what is filled."""
+
+  k: tuple[jax.Array, ...]  # per layer, [B, S, K, H]
+  v: tuple[jax.Array, ...]  # per layer, [B, S, K, H]
+  key_mask_BxS: jax.Array  # bool: slot holds a real (non-pad) token
+  index: jax.Array  # int32 scalar: next slot to write
+  next_position_B: jax.Array  # int32: position id of each row's next real token
+
+
+def init_cache(cfg: TransformerConfig, batch: int, max_len: int) -> KVCache:
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+  zeros = lambda: jnp.zeros(shape, cfg.jnp_dtype)
+  return KVCache(
+      k=tuple(zeros() for _ in range(cfg.num_layers)),
+      v=tuple(zeros() for _ in range(cfg.num_layers)),
+      key_mask_BxS=jnp.zeros((batch, max_len), bool),
+      index=jnp.zeros((), jnp.int32),
+      next_position_B=jnp.zeros((batch,), jnp.int32),
+  )
+
+
+def positions_from_mask(mask_BxT: jax.Array) -> jax.Array:
+  """0, 1, 2, ... over real tokens; pads get the position of the next real token (unused)."""
+  return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def last_token_index(mask_BxT: jax.Array) -> jax.Array:
+  """Index of the last real token of each row; works for left and right padding."""
+  t = mask_BxT.shape[-1]
+  return t - 1 - jnp.argmax(mask_BxT[:, ::-1].astype(jnp.int32), axis=-1)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg)
+    self.mlp = SwiGLU(cfg, rngs)
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None):
+    attn_BxTxD, kv = self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS,
+                               kv_cache, cache_index)
+    x_BxTxD = x_BxTxD + attn_BxTxD
+    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    return sharding.constrain(
+        x_BxTxD, ("activation_batch", "activation_length", "activation_embed")), kv
+
+
+class Transformer(nnx.Module):
+  """Embedding, blocks and final norm: returns hidden states, not logits (see heads.py)."""
+
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_VxD = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                           cfg.init_std, cfg.jnp_param_dtype)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg)
+
+  def __call__(self, tokens_BxT: jax.Array, mask_BxT: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Hidden states [B, T, D] and the updated cache (None without one).
+
+    With a cache, the T tokens are appended after the `cache.index` slots already filled
+    (T = prompt length for a prefill, 1 for a decode step).
+    """
+    mask_BxT = mask_BxT.astype(bool)
+    t = tokens_BxT.shape[1]
+    causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+    if cache is None:
+      positions_BxT = positions_from_mask(mask_BxT)
+      attn_mask_BxTxS = causal_TxT[None] & mask_BxT[:, None, :]
+      index = None
+    else:
+      index = cache.index
+      positions_BxT = cache.next_position_B[:, None] + positions_from_mask(mask_BxT)
+      key_mask_BxS = jax.lax.dynamic_update_slice(cache.key_mask_BxS, mask_BxT, (0, index))
+      s = key_mask_BxS.shape[1]
+      # Query t sits in slot index + t and sees every filled slot up to its own.
+      visible_TxS = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]
+      attn_mask_BxTxS = visible_TxS[None] & key_mask_BxS[:, None, :]
+
+    x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.cfg.jnp_dtype)
+    x_BxTxD = sharding.constrain(
+        x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+    new_k, new_v = [], []
+    for i, block in enumerate(self.blocks):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x_BxTxD, (k, v) = block(x_BxTxD, positions_BxT, attn_mask_BxTxS, kv, index)
+      new_k.append(k)
+      new_v.append(v)
+    h_BxTxD = self.final_norm(x_BxTxD)
+
+    if cache is None:
+      return h_BxTxD, None
+    return h_BxTxD, KVCache(
+        k=tuple(new_k), v=tuple(new_v), key_mask_BxS=key_mask_BxS, index=index + t,
+        next_position_B=cache.next_position_B + mask_BxT.sum(axis=1, dtype=jnp.int32))

@@ -1,0 +1,197 @@
+"""Sharding as data: a named device mesh plus a table mapping logical axis names to mesh axes.
+
+Model code tags every parameter with logical axes (`nnx.Param(..., logical_axes=("embed",
+"mlp"))`) and may constrain activations with `constrain(x, ("activation_batch", ...))`.
+Only this file knows the mesh axes `data`, `fsdp`, `tensor`, `expert`. Changing how a model
+is laid out over devices means editing `LOGICAL_AXIS_RULES` (or passing other rules), never
+model code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
+# The vocabulary follows MaxText. Weights are sharded over `fsdp` along `embed` (ZeRO-3
+# style: gathered per layer in the forward pass) and over `tensor` along the Megatron
+# split dims (heads, mlp, vocab). Activations are split over the batch only.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),  # per-head feature dim
+    ("mlp", "tensor"),
+    ("exp", "expert"),
+    ("norm", None),
+    ("scalar", None),  # output dim of value / reward heads
+)
+
+BATCH_AXES = ("data", "fsdp")  # Mesh axes that split the global batch.
+
+_ACTIVE_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
+    "rlhf_jax_axis_rules", default=None)
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh with axes `data, fsdp, tensor, expert`; one size may be -1 (fill the rest)."""
+  devices = list(jax.devices() if devices is None else devices)
+  unknown = sorted(set(mesh_cfg) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"mesh config: unknown axis {unknown}; the axes are {MESH_AXES}.")
+  sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh config: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh config: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % fixed:
+      raise ValueError(f"mesh config: {len(devices)} devices do not divide by the fixed axes "
+                       f"{dict(zip(MESH_AXES, sizes))} (product {fixed}).")
+    sizes[sizes.index(-1)] = len(devices) // fixed
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh config: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                     f"devices but {len(devices)} are available; set one axis to -1 to fill.")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> P:
+  """('embed', 'mlp') -> P('fsdp', 'tensor'). A mesh axis is used at most once per array."""
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name in logical_axes:
+    if name is not None and name not in table:
+      raise KeyError(f"logical axis {name!r} has no sharding rule; add it to the rules table "
+                     f"(known: {sorted(table)}).")
+    mesh_axes = table.get(name) if name is not None else None
+    if mesh_axes is None:
+      out.append(None)
+      continue
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    mesh_axes = tuple(a for a in mesh_axes if a not in used)
+    used.update(mesh_axes)
+    out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+  return P(*out)
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _check_divisible(name: str, shape, spec: P, mesh: Mesh, logical=None):
+  for dim, axes in enumerate(spec):
+    if axes is None:
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if shape[dim] % n:
+      what = f" (logical axis {logical[dim]!r})" if logical else ""
+      raise ValueError(
+          f"{name}: dimension {dim}{what} has size {shape[dim]}, which does not divide mesh "
+          f"axis {'x'.join(axes)} of size {n}. Change the model size or the mesh config "
+          f"(e.g. --config.mesh.{axes[0]}=1).")
+
+
+def param_shardings(state, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """NamedSharding for every parameter of an (abstract) nnx.State, checked for divisibility."""
+
+  def one(path, var):
+    logical = var.get_metadata().get("logical_axes")
+    if logical is None:
+      spec = P()
+    else:
+      if len(logical) != len(var.shape):
+        raise ValueError(f"parameter {_path_str(path)}: logical axes {logical} do not match "
+                         f"its rank {len(var.shape)}.")
+      spec = logical_to_spec(logical, rules)
+      _check_divisible(f"parameter {_path_str(path)}", var.shape, spec, mesh, logical)
+    return var.replace(NamedSharding(mesh, spec))
+
+  return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
+
+
+def init_sharded(create_model: Callable[[], nnx.Module], mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """(graphdef, params) with params created directly in their shards (no full host copy).
+
+  `create_model` builds the module from its own `nnx.Rngs`; it is traced abstractly first to
+  read shapes and logical axes, then run under `jit(out_shardings=...)`, so each device only
+  ever materialises its own slice.
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(create_model))
+  shardings = param_shardings(abstract, mesh, rules)
+
+  @jax.jit
+  def init():
+    return nnx.split(create_model())[1]
+
+  with use_mesh(mesh, rules):
+    params = jax.jit(init, out_shardings=shardings)()
+  return graphdef, params
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) dim split over `data` x `fsdp`, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Places a host batch (pytree of arrays with a leading batch dim) on the mesh."""
+  n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+  def put(path, x):
+    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if x.ndim == 0 or x.shape[0] % n:
+      raise ValueError(f"batch field {_path_str(path)!r} has shape {x.shape}; its leading dim "
+                       f"must divide data x fsdp = {n}. Change the batch size or the mesh.")
+    return jax.device_put(x, batch_sharding(mesh, x.ndim))
+
+  return jax.tree_util.tree_map_with_path(put, batch)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """Makes `mesh` the current mesh and `rules` the active table for `constrain`."""
+  token = _ACTIVE_RULES.set(tuple(rules))
+  try:
+    with jax.set_mesh(mesh):
+      yield mesh
+  finally:
+    _ACTIVE_RULES.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding hint for an activation; a no-op outside `use_mesh` (single-device code)."""
+  rules = _ACTIVE_RULES.get()
+  if rules is None:
+    return x
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = []
+  for size, axes in zip(x.shape, logical_to_spec(logical_axes, rules)):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    # A dim too small to split (e.g. batch 1 while decoding) stays replicated.
+    spec.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
+  return jax.lax.with_sharding_constraint(x, P(*spec))
