@@ -1,0 +1,1 @@
+"""Tokenizers, bundled tasks and fixed-shape batching."""

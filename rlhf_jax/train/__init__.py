@@ -1,0 +1,1 @@
+"""Loop pieces shared by the SFT, RM and PPO stages."""

@@ -1,0 +1,37 @@
+"""AdamW with warm-up + cosine decay and global-norm clipping, from an `optim` config."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import optax
+
+_KEYS = {"learning_rate", "warmup_steps", "decay_steps", "end_lr_ratio", "weight_decay", "b1",
+         "b2", "eps", "grad_clip", "schedule"}
+
+
+def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+  """`schedule` is "cosine" (warm-up then cosine to `end_lr_ratio`) or "constant"."""
+  unknown = sorted(set(cfg) - _KEYS)
+  if unknown:
+    raise ValueError(f"optim config: unknown key(s) {unknown}; known keys are {sorted(_KEYS)}.")
+  lr = float(cfg["learning_rate"])
+  warmup = int(cfg.get("warmup_steps", 0))
+  schedule = cfg.get("schedule", "cosine")
+  if schedule == "cosine":
+    decay = int(cfg["decay_steps"])
+    if decay <= warmup:
+      raise ValueError(f"optim config: decay_steps ({decay}) must exceed warmup_steps ({warmup}).")
+    lr_fn = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, decay, end_value=lr * float(cfg.get("end_lr_ratio", 0.1)))
+  elif schedule == "constant":
+    lr_fn = optax.linear_schedule(0.0, lr, warmup) if warmup else lr
+  else:
+    raise ValueError(f"optim.schedule is {schedule!r}; choose 'cosine' or 'constant'.")
+  chain = []
+  if cfg.get("grad_clip"):
+    chain.append(optax.clip_by_global_norm(float(cfg["grad_clip"])))
+  chain.append(optax.adamw(lr_fn, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.95)),
+                           eps=float(cfg.get("eps", 1e-8)),
+                           weight_decay=float(cfg.get("weight_decay", 0.0))))
+  return optax.chain(*chain)
