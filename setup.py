@@ -30,6 +30,8 @@ setup(
         "sentencepiece>=0.2",
         "tensorflow-datasets>=4.9.9",
         "safetensors>=0.5",  # Hugging Face checkpoint import.
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
+        "tqdm>=4.66",
     ],
     extras_require={
         "cuda": ["jax[cuda13]"],

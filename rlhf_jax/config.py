@@ -22,27 +22,60 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 
 def mesh_config() -> ml_collections.ConfigDict:
   # data=-1: plain data parallelism over every device; see rlhf_jax/sharding.py.
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  # num_devices=0 uses all devices; N > 0 uses the first N.
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, num_devices=0))
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = dict(
+      task="sentiment",  # bundled task, used when no files are given
+      train_path="", eval_path="",  # JSONL files instead of the task
+      tfds_name="", tfds_data_dir="", tfds_eval_split="eval",  # or a prepared TFDS dataset
+      num_train=8192, num_eval=256,  # records drawn from a bundled task
+      batch_size=32, max_prompt_len=16, max_completion_len=24,
+      truncation="truncate",  # or "error"
+      loss_on="completion",  # or "all"
+  )
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
+def tokenizer_config(**overrides) -> ml_collections.ConfigDict:
+  # sentencepiece: trained on the task's text on first use and cached in <workdir>/tokenizer;
+  # model_path loads an existing .model instead. "byte": UTF-8 bytes, nothing to train.
+  cfg = dict(kind="sentencepiece", vocab_size=2048, model_path="")
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
+def sampling_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = dict(temperature=1.0, top_k=0, top_p=1.0)
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
 
 
 def sft_config(preset: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "sft"
   c.seed = 0
-  c.model = model_config()
+  c.model = model_config(d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=688)
   c.mesh = mesh_config()
-  c.data = ml_collections.ConfigDict(dict(
-      task="sort", num_train=4096, num_eval=256, batch_size=32, max_prompt_len=24,
-      max_completion_len=16))
+  c.tokenizer = tokenizer_config()
+  c.data = data_config()
+  c.sampling = sampling_config()
   c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=3e-3, warmup_steps=20, decay_steps=300, end_lr_ratio=0.1,
-      weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, schedule="cosine"))
-  c.train = ml_collections.ConfigDict(dict(num_steps=300, log_every=25, eval_every=100))
-  if preset == "test":  # Seconds on one CPU core: for tests and smoke runs.
-    c.model = model_config(d_model=64, mlp_dim=172)
-    c.data.update(num_train=256, num_eval=64, batch_size=16)
-    c.optim.update(warmup_steps=2, decay_steps=30)
-    c.train.update(num_steps=30, log_every=10, eval_every=30)
+      learning_rate=1e-3, warmup_steps=50, decay_steps=1000, end_lr_ratio=0.1,
+      weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, schedule="cosine"))
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=1000, log_every=50, eval_every=250, checkpoint_every=250, keep_checkpoints=2,
+      num_samples_shown=2))
+  if preset == "test":  # Seconds on one CPU core: the synthetic task, a tiny model.
+    c.model = model_config(d_model=64, num_layers=2, mlp_dim=172)
+    c.tokenizer.kind = "byte"
+    c.data.update(task="sort", num_train=256, num_eval=64, batch_size=16, max_prompt_len=24,
+                  max_completion_len=16)
+    c.optim.update(learning_rate=3e-3, warmup_steps=2, decay_steps=30)
+    c.train.update(num_steps=30, log_every=10, eval_every=30, checkpoint_every=10)
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/sft.py; presets: '', 'test'.")
   c.lock()

@@ -1,7 +1,8 @@
 """Entry point: `python -m rlhf_jax.main --config=configs/ppo.py [--workdir=DIR]`.
 
-Runs the stage named by `config.stage`. Metrics go to `<workdir>/metrics.jsonl`; the final
-metrics are printed as one JSON line at the end.
+Runs the stage named by `config.stage` in `--workdir` (default ./workdir). Metrics go to
+`<workdir>/metrics.jsonl` and TensorBoard files to `<workdir>/tensorboard`; the final metrics
+are printed as one JSON line at the end.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ppo.py.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics (and later checkpoints) go; "
-                               "default: ./workdir/<stage>.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where the tokenizer, checkpoints "
+                               "(<workdir>/<stage>/checkpoints) and metrics.jsonl go. Rerunning "
+                               "with the same workdir resumes from the latest checkpoint.")
 
 STAGES = ("sft",)
 
@@ -28,9 +30,9 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/ppo.py")
   if config.stage not in STAGES:
     raise app.UsageError(f"config.stage is {config.stage!r}; stages available: {STAGES}.")
-  workdir = _WORKDIR.value or os.path.join("workdir", config.stage)
+  workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  with open(os.path.join(workdir, f"config_{config.stage}.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   logging.info("config:\n%s", config)
 
@@ -40,6 +42,14 @@ def main(argv):
   print(json.dumps({"stage": config.stage, "workdir": workdir, **result["metrics"]}))
 
 
+class _QuietLibraries:
+  """Drops INFO chatter of orbax (a dozen lines per checkpoint); warnings still pass."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   app.run(main)

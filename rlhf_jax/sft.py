@@ -1,13 +1,17 @@
-"""Supervised fine-tuning: masked next-token cross-entropy on the completion.
+"""Supervised fine-tuning: masked next-token cross-entropy.
 
-    loss = sum_t loss_mask[t+1] * CE(logits[t], tokens[t+1]) / sum_t loss_mask[t+1]
+    loss = sum_t w[t+1] * CE(logits[t], tokens[t+1]) / sum_t w[t+1]
 
-`run` is the stage's loop glue: tokenize the task's records into fixed shapes, initialise
-the policy directly sharded on the mesh, and train with the shared jitted step.
+with w the completion tokens (incl. EOS) by default, or every real token
+(`data.loss_on="all"`). `run` is the stage's glue: tokenizer, data, a policy initialised
+sharded on the mesh, the shared jitted step, checkpoints with exact resume, eval loss and
+perplexity, and sample continuations (with their gold reward on bundled tasks).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from typing import Any
 
@@ -20,14 +24,14 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import sharding
-from rlhf_jax.data import batching, tasks
-from rlhf_jax.data.tokenizer import ByteTokenizer
+from rlhf_jax.data import batching, records as records_lib, tokenizer as tokenizer_lib
 from rlhf_jax.models import PolicyModel, TransformerConfig
-from rlhf_jax.train import loop, optim, state as state_lib
+from rlhf_jax.sampling import SamplingConfig, make_sampler
+from rlhf_jax.train import checkpoint, loop, optim, state as state_lib
 
 
 def sft_loss(model: PolicyModel, batch: dict[str, jax.Array]):
-  """(mean CE over completion tokens, metrics). Pure; used under jit and grad."""
+  """(mean CE over weighted target tokens, metrics). Pure; used under jit and grad."""
   logits_BxTxV, _ = model(batch["tokens"], batch["mask"])
   targets_BxT1 = batch["tokens"][:, 1:]
   weights_BxT1 = batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -38,19 +42,25 @@ def sft_loss(model: PolicyModel, batch: dict[str, jax.Array]):
   return loss, {"token_accuracy": (correct * weights_BxT1).sum() / n, "num_tokens": n}
 
 
+def stage_dir(workdir: str | None, stage: str) -> str | None:
+  return os.path.join(workdir, stage) if workdir else None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
-  """Trains the policy with SFT on `config.data.task`; returns the final metrics."""
-  tok = ByteTokenizer()
-  model_cfg = TransformerConfig.from_config(dict(config.model, vocab_size=tok.vocab_size))
-  task = tasks.get_task(config.data.task)
+  """Trains the policy with SFT; returns final metrics, state and what later stages need."""
   d = config.data
+  data = records_lib.load_sft_data(config, workdir)
+  tok = data.tokenizer
+  model_cfg = TransformerConfig.from_config(dict(config.model, vocab_size=tok.vocab_size))
+
   counts = batching.TruncationCounts()
-  train = batching.sft_arrays(task.sft_records(d.num_train, config.seed), tok,
-                              d.max_prompt_len, d.max_completion_len, counts)
-  held_out = batching.sft_arrays(task.sft_records(d.num_eval, config.seed + 1), tok,
-                                 d.max_prompt_len, d.max_completion_len, counts)
+  arrays = {}
+  for split, recs in (("train", data.train), ("eval", data.eval)):
+    arrays[split] = batching.sft_arrays(recs, tok, d.max_prompt_len, d.max_completion_len, counts,
+                                        truncation=d.truncation, loss_on=d.loss_on,
+                                        source=data.sources[split])
   logging.info("[sft] %d train / %d eval records; truncated prompts %d, completions %d",
-               d.num_train, d.num_eval, counts.prompts, counts.completions)
+               len(data.train), len(data.eval), counts.prompts, counts.completions)
 
   mesh = sharding.make_mesh(config.mesh)
   logging.info("[sft] mesh %s over %d %s device(s)", dict(mesh.shape), mesh.size,
@@ -62,28 +72,65 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
 
   tx = optim.make_optimizer(config.optim)
   state, shardings = state_lib.create_train_state(params, tx, mesh)
-  batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in train}
+  batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in arrays["train"]}
   step = state_lib.make_train_step(graphdef, sft_loss, tx, mesh, shardings, batch_sh)
+  evaluate = make_evaluator(graphdef, config, data, arrays["eval"], tok, mesh)
 
-  eval_loss = jax.jit(lambda p, b: sft_loss(nnx.merge(graphdef, p), b))
-
-  def evaluate(st):
-    rows = []
-    bs = d.batch_size
-    for i in range(0, len(held_out["tokens"]) - bs + 1, bs):
-      b = sharding.shard_batch({k: v[i:i + bs] for k, v in held_out.items()}, mesh)
-      with sharding.use_mesh(mesh):
-        loss, m = eval_loss(st.params, b)
-      rows.append({"eval_loss": loss, "eval_token_accuracy": m["token_accuracy"]})
-    return loop.mean_metrics(jax.device_get(rows))
-
-  writer = loop.MetricsWriter(os.path.join(workdir, "metrics.jsonl") if workdir else None, "sft")
-  batches = batching.EpochIterator(train, d.batch_size, config.seed)
-  tokens_per_batch = d.batch_size * (d.max_prompt_len + d.max_completion_len)
+  out_dir = stage_dir(workdir, "sft")
+  writer = loop.MetricsWriter(workdir, "sft")
+  ckpt = None
+  if out_dir:
+    ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"),
+                                   config.train.checkpoint_every, config.train.keep_checkpoints)
+    with open(os.path.join(out_dir, "model_config.json"), "w") as f:
+      json.dump(model_cfg.to_dict(), f, indent=2)
+  batches = batching.EpochIterator(arrays["train"], d.batch_size, config.seed,
+                                   jax.process_index(), jax.process_count())
+  state = loop.resume(ckpt, state, batches, writer)
   state, metrics = loop.train_loop(
-      step, state, batches, config.train.num_steps, config.train.log_every, writer,
-      shard=lambda b: sharding.shard_batch(b, mesh), tokens_per_batch=tokens_per_batch,
+      step, state, batches, num_steps=config.train.num_steps, log_every=config.train.log_every,
+      writer=writer, shard=lambda b: sharding.shard_batch(b, mesh), checkpointer=ckpt,
+      tokens_per_batch=d.batch_size * (d.max_prompt_len + d.max_completion_len),
       eval_fn=evaluate, eval_every=config.train.eval_every)
-  metrics["truncated_prompts"] = counts.prompts
-  metrics["truncated_completions"] = counts.completions
-  return {"metrics": metrics, "state": state, "graphdef": graphdef, "model_config": model_cfg}
+  if ckpt:
+    ckpt.close()
+  writer.close()
+  metrics.update(truncated_prompts=counts.prompts, truncated_completions=counts.completions)
+  return {"metrics": metrics, "state": state, "graphdef": graphdef, "model_config": model_cfg,
+          "tokenizer": tok}
+
+
+def make_evaluator(graphdef, config, data, eval_arrays, tok, mesh):
+  """Eval loss/perplexity over the held-out set, plus sampled continuations."""
+  bs = config.data.batch_size
+  eval_loss = jax.jit(lambda p, b: sft_loss(nnx.merge(graphdef, p), b))
+  s = config.sampling
+  sampler = make_sampler(graphdef, SamplingConfig(
+      max_new_tokens=config.data.max_completion_len, temperature=s.temperature, top_k=s.top_k,
+      top_p=s.top_p), eos_id=tok.eos_id, pad_id=tok.pad_id)
+  p_len = config.data.max_prompt_len
+  sample_batch = {k: v[:bs, :p_len] for k, v in eval_arrays.items() if k != "loss_mask"}
+  prompts = [r["prompt"] for r in data.eval[:bs]]
+
+  def evaluate(state) -> dict[str, float]:
+    rows = []
+    n = len(eval_arrays["tokens"])
+    with sharding.use_mesh(mesh):
+      for i in range(0, n - bs + 1, bs):
+        b = sharding.shard_batch({k: v[i:i + bs] for k, v in eval_arrays.items()}, mesh)
+        loss, m = eval_loss(state.params, b)
+        rows.append({"eval_loss": loss, "eval_token_accuracy": m["token_accuracy"]})
+      rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), int(state.step))
+      b = sharding.shard_batch(sample_batch, mesh)
+      out = jax.device_get(sampler(state.params, b["tokens"], b["mask"], rng))
+    metrics = loop.mean_metrics(jax.device_get(rows))
+    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    texts = [tok.decode(t[m.astype(bool)]) for t, m in zip(out["tokens"], out["mask"])]
+    for prompt, text in list(zip(prompts, texts))[:config.train.num_samples_shown]:
+      logging.info("[sft] sample: %r -> %r", prompt, text)
+    if data.gold_reward is not None:
+      metrics["gold/reward"] = float(np.mean(
+          [data.gold_reward(p, t) for p, t in zip(prompts, texts)]))
+    return metrics
+
+  return evaluate

@@ -51,8 +51,18 @@ _ACTIVE_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh with axes `data, fsdp, tensor, expert`; one size may be -1 (fill the rest)."""
+  """Mesh with axes `data, fsdp, tensor, expert`; one size may be -1 (fill the rest).
+
+  `num_devices` (optional, 0 = all) restricts the mesh to the first devices, e.g. to debug
+  on one device of a host that has eight.
+  """
   devices = list(jax.devices() if devices is None else devices)
+  mesh_cfg = dict(mesh_cfg)
+  num_devices = int(mesh_cfg.pop("num_devices", 0) or 0)
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(f"mesh.num_devices is {num_devices} but only {len(devices)} devices exist.")
+    devices = devices[:num_devices]
   unknown = sorted(set(mesh_cfg) - set(MESH_AXES))
   if unknown:
     raise ValueError(f"mesh config: unknown axis {unknown}; the axes are {MESH_AXES}.")
@@ -159,15 +169,21 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 
 
 def shard_batch(batch, mesh: Mesh):
-  """Places a host batch (pytree of arrays with a leading batch dim) on the mesh."""
+  """Places this process's slice of a global batch (leading batch dim) on the mesh.
+
+  With one process the slice is the whole batch; with several, each passes its own rows and
+  `make_array_from_process_local_data` assembles the global array.
+  """
   n = math.prod(mesh.shape[a] for a in BATCH_AXES)
 
   def put(path, x):
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
-    if x.ndim == 0 or x.shape[0] % n:
-      raise ValueError(f"batch field {_path_str(path)!r} has shape {x.shape}; its leading dim "
-                       f"must divide data x fsdp = {n}. Change the batch size or the mesh.")
-    return jax.device_put(x, batch_sharding(mesh, x.ndim))
+    x = np.asarray(x)
+    global_rows = x.shape[0] * jax.process_count() if x.ndim else 0
+    if x.ndim == 0 or global_rows % n:
+      raise ValueError(f"batch field {_path_str(path)!r} has global shape "
+                       f"{(global_rows,) + x.shape[1:]}; its leading dim must divide "
+                       f"data x fsdp = {n}. Change the batch size or the mesh.")
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
   return jax.tree_util.tree_map_with_path(put, batch)
 

@@ -25,9 +25,18 @@ class TruncationCounts:
 
 
 def sft_arrays(records: Sequence[dict[str, str]], tok: Tokenizer, max_prompt_len: int,
-               max_completion_len: int, counts: TruncationCounts | None = None
-               ) -> dict[str, np.ndarray]:
-  """tokens/mask/loss_mask [N, P + C]; loss_mask marks completion tokens (incl. EOS)."""
+               max_completion_len: int, counts: TruncationCounts | None = None,
+               truncation: str = "truncate", loss_on: str = "completion",
+               source: str = "records") -> dict[str, np.ndarray]:
+  """tokens/mask/loss_mask [N, P + C].
+
+  `loss_mask` marks the completion tokens incl. EOS (`loss_on="completion"`) or every real
+  token (`"all"`). `truncation="error"` turns an over-long record into an error naming it.
+  """
+  if truncation not in ("truncate", "error"):
+    raise ValueError(f"data.truncation is {truncation!r}; choose 'truncate' or 'error'.")
+  if loss_on not in ("completion", "all"):
+    raise ValueError(f"data.loss_on is {loss_on!r}; choose 'completion' or 'all'.")
   n, p, c = len(records), max_prompt_len, max_completion_len
   tokens = np.full((n, p + c), tok.pad_id, np.int32)
   mask = np.zeros((n, p + c), np.int32)
@@ -35,40 +44,61 @@ def sft_arrays(records: Sequence[dict[str, str]], tok: Tokenizer, max_prompt_len
   for i, rec in enumerate(records):
     for key in ("prompt", "completion"):
       if not isinstance(rec.get(key), str):
-        raise ValueError(f"SFT record {i}: field {key!r} must be a string, got {rec.get(key)!r}.")
+        raise ValueError(f"{source}: record {i}: field {key!r} must be a string, got "
+                         f"{rec.get(key)!r}.")
     prompt = tok.encode(rec["prompt"])
     completion = tok.encode(rec["completion"]) + [tok.eos_id]
+    if not prompt:
+      raise ValueError(f"{source}: record {i}: empty prompt.")
+    for name, ids, limit in (("prompt", prompt, p), ("completion", completion, c)):
+      if len(ids) > limit and truncation == "error":
+        raise ValueError(f"{source}: record {i}: {name} is {len(ids)} tokens, over the limit "
+                         f"{limit} (data.max_{name}_len); raise it or set "
+                         "data.truncation='truncate'.")
     if len(prompt) > p:
       prompt = prompt[-p:]
       if counts: counts.prompts += 1
     if len(completion) > c:
       completion = completion[:c]
       if counts: counts.completions += 1
-    if not prompt:
-      raise ValueError(f"SFT record {i}: empty prompt.")
     tokens[i, p - len(prompt):p] = prompt
     mask[i, p - len(prompt):p] = 1
     tokens[i, p:p + len(completion)] = completion
     mask[i, p:p + len(completion)] = 1
-    loss_mask[i, p:p + len(completion)] = 1
+    if loss_on == "all":
+      loss_mask[i] = mask[i]
+    else:
+      loss_mask[i, p:p + len(completion)] = 1
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 
 class EpochIterator:
-  """Deterministic shuffled batches over an in-memory dataset, epoch after epoch."""
+  """Deterministic shuffled batches over an in-memory dataset, epoch after epoch.
 
-  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int):
+  The order depends only on (seed, epoch), never on the number of processes: each process
+  takes its contiguous slice of every global batch (`process_index`/`process_count`), and
+  the slices are assembled into one global array by `sharding.shard_batch`. `position`
+  (global batches served) is saved in checkpoints, so a resumed run continues exactly.
+  """
+
+  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int,
+               process_index: int = 0, process_count: int = 1):
     self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
     self.n = len(next(iter(arrays.values())))
     if self.n < batch_size:
       raise ValueError(f"dataset has {self.n} examples, fewer than batch_size {batch_size}.")
-    self.position = 0  # batches served so far; saved with checkpoints to resume exactly.
+    if batch_size % process_count:
+      raise ValueError(f"batch_size {batch_size} must divide by the {process_count} processes.")
+    self.local = batch_size // process_count
+    self.offset = process_index * self.local
+    self.position = 0
 
   def __next__(self) -> dict[str, np.ndarray]:
     per_epoch = self.n // self.batch_size
     epoch, k = divmod(self.position, per_epoch)
     order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
     idx = order[k * self.batch_size:(k + 1) * self.batch_size]
+    idx = idx[self.offset:self.offset + self.local]
     self.position += 1
     return {key: v[idx] for key, v in self.arrays.items()}
 

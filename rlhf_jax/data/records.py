@@ -1,0 +1,69 @@
+"""Where a stage's text records come from: a bundled task, JSONL files, or a TFDS dataset.
+
+`data.train_path` / `data.eval_path` name JSONL files; `data.tfds_name` (+ `tfds_data_dir`)
+names an array_record TFDS dataset prepared with `rlhf_jax.data.tfds_builder` or by the
+user. Otherwise the bundled `data.task` supplies records, and its gold reward is used to
+score samples. The tokenizer is built (or reused from the workdir) here too, since it may
+be trained on the same text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from typing import Callable
+
+import ml_collections
+
+from rlhf_jax.data import sources, tasks, tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass
+class StageData:
+  train: list[dict[str, str]]
+  eval: list[dict[str, str]]
+  sources: dict[str, str]  # split -> where it came from (named in errors)
+  tokenizer: tokenizer_lib.Tokenizer
+  gold_reward: Callable[[str, str], float] | None  # bundled tasks only
+
+
+def _tfds_records(d, split: str, schema: str) -> list[dict[str, str]]:
+  from rlhf_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  src = tfds_builder.load_split(d.tfds_name, split, d.tfds_data_dir or None)
+  return [sources.check_record(r, schema, f"tfds:{d.tfds_name}/{split}[{i}]")
+          for i, r in enumerate(src)]
+
+
+def load_records(config: ml_collections.ConfigDict, schema: str, task_fn: str):
+  """(train, eval, source names, task or None) for one schema ('sft', 'preference', ...)."""
+  d = config.data
+  if d.train_path:
+    if not d.eval_path:
+      raise ValueError("data.train_path is set but data.eval_path is not; give a held-out JSONL.")
+    train = sources.read_jsonl(d.train_path, schema)
+    evals = sources.read_jsonl(d.eval_path, schema)
+    return train, evals, {"train": d.train_path, "eval": d.eval_path}, None
+  if d.tfds_name:
+    names = {s: f"tfds:{d.tfds_name}/{s}" for s in ("train", d.tfds_eval_split)}
+    return (_tfds_records(d, "train", schema), _tfds_records(d, d.tfds_eval_split, schema),
+            {"train": names["train"], "eval": names[d.tfds_eval_split]}, None)
+  task = tasks.get_task(d.task)
+  get = getattr(task, task_fn)
+  return (get(d.num_train, config.seed, "train"), get(d.num_eval, config.seed, "eval"),
+          {"train": f"task:{d.task}/train", "eval": f"task:{d.task}/eval"}, task)
+
+
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: str | None, corpus):
+  t = config.tokenizer
+  return tokenizer_lib.get_tokenizer(t.kind, workdir, corpus, t.vocab_size, t.model_path)
+
+
+def load_sft_data(config: ml_collections.ConfigDict, workdir: str | None) -> StageData:
+  train, evals, names, task = load_records(config, "sft", "sft_records")
+  if task is not None:
+    corpus = task.corpus
+  else:
+    corpus = lambda: itertools.chain.from_iterable((r["prompt"], r["completion"]) for r in train)
+  tok = build_tokenizer(config, workdir, corpus)
+  return StageData(train, evals, names, tok, task.gold_reward if task else None)

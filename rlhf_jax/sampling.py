@@ -1,0 +1,90 @@
+"""Jitted generation with a KV cache: temperature, top-k, top-p, EOS, min/max new tokens.
+
+One call = prefill the left-padded prompts, then `max_new_tokens` decode steps in a
+`lax.scan`, so the whole rollout is one compiled program with static shapes. After a row
+emits EOS it is finished: later positions hold `pad_id` with mask 0 (the EOS itself is kept
+and has mask 1). The returned log-probs are those of the full softmax of logits/temperature,
+before top-k/top-p filtering, which is what PPO needs for its old log-probs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.transformer import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 32
+  temperature: float = 1.0  # 0 = greedy.
+  top_k: int = 0  # 0 = off.
+  top_p: float = 1.0  # 1 = off.
+  min_new_tokens: int = 0  # EOS is forbidden before this many tokens.
+
+  def __post_init__(self):
+    if self.max_new_tokens <= 0:
+      raise ValueError(f"sampling.max_new_tokens must be positive, got {self.max_new_tokens}.")
+    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+      raise ValueError(f"sampling: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self}.")
+
+
+def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Sets logits outside the top-k / nucleus to -inf (the most likely token always stays)."""
+  if top_k:
+    kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep a token if the mass strictly before it is < top_p.
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    cutoff_B1 = jnp.min(jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf), -1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_B1, -jnp.inf, logits_BxV)
+  return logits_BxV
+
+
+def make_sampler(graphdef, sampling: SamplingConfig, eos_id: int, pad_id: int):
+  """Returns jitted `sample(params, prompt_BxP, prompt_mask_BxP, rng) -> dict`.
+
+  Output: `tokens` [B, N], `mask` [B, N] (1 up to and including EOS), `logprobs` [B, N]
+  (0 where mask is 0).
+  """
+  s = sampling
+
+  def sample(params, prompt_BxP, prompt_mask_BxP, rng):
+    model = nnx.merge(graphdef, params)
+    b, p = prompt_BxP.shape
+    cache = init_cache(model.cfg, b, p + s.max_new_tokens)
+    logits_BxPxV, cache = model(prompt_BxP, prompt_mask_BxP, cache)
+
+    def step(carry, t):
+      logits_BxV, cache, done_B, rng = carry
+      rng, key = jax.random.split(rng)
+      if s.temperature > 0:
+        logits_BxV = logits_BxV / s.temperature
+      if s.min_new_tokens:
+        logits_BxV = jnp.where((t < s.min_new_tokens) & (jnp.arange(logits_BxV.shape[-1]) == eos_id),
+                               -jnp.inf, logits_BxV)
+      logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+      if s.temperature > 0:
+        token_B = jax.random.categorical(key, filter_logits(logits_BxV, s.top_k, s.top_p))
+      else:
+        token_B = jnp.argmax(logits_BxV, axis=-1)
+      live_B = ~done_B
+      token_B = jnp.where(live_B, token_B, pad_id).astype(jnp.int32)
+      logp_B = jnp.where(live_B, jnp.take_along_axis(logp_BxV, token_B[:, None], -1)[:, 0], 0.0)
+      next_logits, cache = model(token_B[:, None], live_B[:, None].astype(jnp.int32), cache)
+      done_B = done_B | (token_B == eos_id)
+      return (next_logits[:, -1], cache, done_B, rng), (token_B, live_B, logp_B)
+
+    init = (logits_BxPxV[:, -1], cache, jnp.zeros((b,), bool), rng)
+    _, (tokens_NxB, mask_NxB, logp_NxB) = jax.lax.scan(step, init, jnp.arange(s.max_new_tokens))
+    return {"tokens": tokens_NxB.T, "mask": mask_NxB.T.astype(jnp.int32), "logprobs": logp_NxB.T}
+
+  return jax.jit(sample)
