@@ -281,9 +281,8 @@ class ModelsTest(parameterized.TestCase):
       changed[:, j] = (changed[:, j] + 1 + rng.integers(0, cfg.vocab_size - 1)) % cfg.vocab_size
       self.assertTrue(np.all(changed[:, j] != tokens[:, j]))
       out = np.asarray(fwd(changed, mask))
-      # Real positions only: a pad query attends to no key, so its output is documented
-      # "finite garbage" (uniform attention over all keys, future ones included).
-      before = mask.astype(bool) & (np.arange(t) < j)[None]
+      # Every position, pads included: a pad query attends only to itself.
+      before = np.broadcast_to((np.arange(t) < j)[None], mask.shape)
       np.testing.assert_allclose(out[before], base[before], rtol=0, atol=1e-6,
                                  err_msg=f"position {j} leaked into earlier positions")
       # Position j itself (a real token in both rows) must change.

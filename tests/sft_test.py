@@ -78,26 +78,76 @@ class SftTest(absltest.TestCase):
     self.assertAlmostEqual(task.gold_reward("sort 3 1 2 =", " 1 3 2"), 1 / 3)
     self.assertAlmostEqual(task.gold_reward("sort 3 1 2 =", " 1 2"), 2 / 3 - 1 / 3)
 
-  def test_short_run_learns_and_writes_metrics(self):
+  def _config(self, **train):
     cfg = config_lib.sft_config("test")
+    cfg.mesh.num_devices = 1  # in-process runs stay on one device; sharding_test covers 8
+    cfg.train.update(train)
+    return cfg
+
+  def test_short_run_learns_and_writes_metrics(self):
+    cfg = self._config()
     with tempfile.TemporaryDirectory() as wd:
       result = sft.run(cfg, wd)
       with open(os.path.join(wd, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
+      self.assertTrue(os.listdir(os.path.join(wd, "tensorboard", "sft")))
+      self.assertEqual(sorted(os.listdir(os.path.join(wd, "sft", "checkpoints"))), ["20", "30"])
     self.assertEqual(rows[0]["step"], 1)
     self.assertEqual(rows[-1]["step"], cfg.train.num_steps)
     self.assertLess(rows[-1]["loss"], 0.6 * rows[0]["loss"])
-    self.assertIn("eval_loss", result["metrics"])
-    self.assertTrue(np.isfinite(result["metrics"]["eval_loss"]))
+    m = result["metrics"]
+    self.assertAlmostEqual(m["eval_perplexity"], np.exp(m["eval_loss"]), places=3)
+    self.assertBetween(m["gold/reward"], -10.0, 1.0)
+
+  def test_resume_is_exact(self):
+    """N steps, stop, resume to 2N == 2N uninterrupted: same metrics, same parameters."""
+    n = 10
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+      full = sft.run(self._config(num_steps=2 * n, eval_every=n, checkpoint_every=n), a)
+      sft.run(self._config(num_steps=n, eval_every=n, checkpoint_every=n), b)
+      resumed = sft.run(self._config(num_steps=2 * n, eval_every=n, checkpoint_every=n), b)
+      rows = {}
+      for name, wd in (("full", a), ("resumed", b)):
+        with open(os.path.join(wd, "metrics.jsonl")) as f:
+          rows[name] = {r["step"]: r for r in map(json.loads, f)}
+    self.assertEqual(int(resumed["state"].step), 2 * n)
+    common = sorted(set(rows["full"]) & set(rows["resumed"]))
+    self.assertContainsSubset([1, n, 2 * n], common)
+    for step in common:
+      for key, value in rows["full"][step].items():
+        if key != "tokens_per_s" and key in rows["resumed"][step]:
+          self.assertEqual(value, rows["resumed"][step][key], f"step {step} {key}")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(full["state"].params),
+                 jax.device_get(resumed["state"].params))
 
   def test_non_finite_loss_stops_the_run(self):
-    cfg = config_lib.sft_config("test")
+    cfg = self._config(num_steps=5, log_every=1)
     cfg.optim.learning_rate = 1e30
     cfg.optim.grad_clip = 0.0
-    cfg.train.num_steps = 5
-    cfg.train.log_every = 1
     with self.assertRaisesRegex(FloatingPointError, r"step \d+: loss is nan"):
       sft.run(cfg, None)
+
+  def test_bad_inputs_name_the_problem(self):
+    with tempfile.TemporaryDirectory() as wd:
+      path = os.path.join(wd, "train.jsonl")
+      with open(path, "w") as f:
+        f.write('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+      cfg = self._config()
+      cfg.data.update(train_path=path, eval_path=path)
+      with self.assertRaisesRegex(ValueError, "train.jsonl:2: malformed JSON"):
+        sft.run(cfg, wd)
+      with open(path, "w") as f:
+        f.write('{"prompt": "a", "completion": ""}\n')
+      with self.assertRaisesRegex(ValueError, "train.jsonl:1: field 'completion' is an empty"):
+        sft.run(cfg, wd)
+    cfg = self._config()
+    cfg.data.update(truncation="error", max_completion_len=4)
+    with self.assertRaisesRegex(ValueError, r"task:sort/train: record 0: completion is \d+ "
+                                r"tokens, over the limit 4 \(data.max_completion_len\)"):
+      sft.run(cfg, None)
+    with self.assertRaisesRegex(ValueError, "did you mean 'learning_rate'"):
+      from rlhf_jax.train import optim  # pylint: disable=g-import-not-at-top
+      optim.make_optimizer({"learnig_rate": 1.0, "learning_rate": 1.0, "decay_steps": 10})
 
   def test_main_entry_point(self):
     with tempfile.TemporaryDirectory() as wd:
@@ -114,7 +164,7 @@ class SftTest(absltest.TestCase):
            "--config.optim.learnig_rate=1"], cwd=REPO, capture_output=True, text=True,
           timeout=300, check=False)
       self.assertNotEqual(bad.returncode, 0)
-      self.assertIn("learnig_rate", bad.stderr)
+      self.assertIn('Did you mean "learning_rate"', bad.stderr)
 
 
 if __name__ == "__main__":

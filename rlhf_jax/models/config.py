@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from rlhf_jax.keys import check_known_keys
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -69,10 +71,7 @@ class TransformerConfig:
   def from_config(cls, cfg: Mapping[str, Any]) -> "TransformerConfig":
     """From a ConfigDict / dict; unknown keys are an error naming the key."""
     cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-      raise ValueError(f"model config: unknown key(s) {unknown}; known keys are {sorted(known)}.")
+    check_known_keys("model", cfg, (f.name for f in dataclasses.fields(cls)))
     return cls(**cfg)
 
   def to_dict(self) -> dict[str, Any]:

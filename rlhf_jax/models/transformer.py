@@ -22,7 +22,11 @@ from rlhf_jax.models.layers import Attention, RMSNorm, SwiGLU, param
 
 
 class KVCache(NamedTuple):
-  """Preallocated keys/values for every layer, plus the bookkeeping of what is filled."""
+  """Preallocated keys/values for every layer, plus the bookkeeping of what is filled.
+
+  The caller sizes it: writing past `S` slots is not detected inside jit (XLA clamps the
+  write), so allocate prompt length + max new tokens, as `sampling.py` does.
+  """
 
   k: tuple[jax.Array, ...]  # per layer, [B, S, K, H]
   v: tuple[jax.Array, ...]  # per layer, [B, S, K, H]
@@ -91,9 +95,11 @@ class Transformer(nnx.Module):
     mask_BxT = mask_BxT.astype(bool)
     t = tokens_BxT.shape[1]
     causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+    # Every query also sees its own slot, so a pad query attends to itself alone: its
+    # (unused) output stays causal and finite instead of averaging over future keys.
     if cache is None:
       positions_BxT = positions_from_mask(mask_BxT)
-      attn_mask_BxTxS = causal_TxT[None] & mask_BxT[:, None, :]
+      attn_mask_BxTxS = causal_TxT[None] & (mask_BxT[:, None, :] | jnp.eye(t, dtype=bool)[None])
       index = None
     else:
       index = cache.index
@@ -101,8 +107,8 @@ class Transformer(nnx.Module):
       key_mask_BxS = jax.lax.dynamic_update_slice(cache.key_mask_BxS, mask_BxT, (0, index))
       s = key_mask_BxS.shape[1]
       # Query t sits in slot index + t and sees every filled slot up to its own.
-      visible_TxS = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]
-      attn_mask_BxTxS = visible_TxS[None] & key_mask_BxS[:, None, :]
+      slot_TxS = jnp.arange(s)[None, :] - (index + jnp.arange(t)[:, None])
+      attn_mask_BxTxS = ((slot_TxS <= 0)[None] & key_mask_BxS[:, None, :]) | (slot_TxS == 0)[None]
 
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.cfg.jnp_dtype)
     x_BxTxD = sharding.constrain(

@@ -6,15 +6,15 @@ from typing import Any, Mapping
 
 import optax
 
+from rlhf_jax.keys import check_known_keys
+
 _KEYS = {"learning_rate", "warmup_steps", "decay_steps", "end_lr_ratio", "weight_decay", "b1",
          "b2", "eps", "grad_clip", "schedule"}
 
 
 def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
   """`schedule` is "cosine" (warm-up then cosine to `end_lr_ratio`) or "constant"."""
-  unknown = sorted(set(cfg) - _KEYS)
-  if unknown:
-    raise ValueError(f"optim config: unknown key(s) {unknown}; known keys are {sorted(_KEYS)}.")
+  check_known_keys("optim", cfg, _KEYS)
   lr = float(cfg["learning_rate"])
   warmup = int(cfg.get("warmup_steps", 0))
   schedule = cfg.get("schedule", "cosine")
