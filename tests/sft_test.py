@@ -16,7 +16,7 @@ from flax import nnx
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import sft
-from rlhf_jax.data import batching, tasks
+from rlhf_jax.data import batching, sources, tasks
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models import PolicyModel, TransformerConfig
 
@@ -119,6 +119,25 @@ class SftTest(absltest.TestCase):
           self.assertEqual(value, rows["resumed"][step][key], f"step {step} {key}")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(full["state"].params),
                  jax.device_get(resumed["state"].params))
+
+  def test_trains_from_jsonl_and_tfds(self):
+    task = tasks.SortTask()
+    with tempfile.TemporaryDirectory() as wd:
+      paths = {}
+      for split, seed in (("train", 0), ("eval", 1)):
+        paths[split] = os.path.join(wd, f"{split}.jsonl")
+        sources.write_jsonl(paths[split], task.sft_records(64, seed), "sft")
+      subprocess.run([sys.executable, "-m", "rlhf_jax.data.tfds_builder", "--schema=sft",
+                      f"--data_dir={wd}/tfds", "--name=sorted", f"train={paths['train']}",
+                      f"eval={paths['eval']}"], check=True, capture_output=True, cwd=REPO)
+      for source in (dict(train_path=paths["train"], eval_path=paths["eval"]),
+                     dict(tfds_name="sorted", tfds_data_dir=f"{wd}/tfds")):
+        cfg = self._config(num_steps=3, eval_every=3)
+        cfg.data.update(source)
+        result = sft.run(cfg, None)
+        self.assertTrue(np.isfinite(result["metrics"]["loss"]))
+        self.assertIn("eval_loss", result["metrics"])
+        self.assertNotIn("gold/reward", result["metrics"])  # no gold reward for user data
 
   def test_non_finite_loss_stops_the_run(self):
     cfg = self._config(num_steps=5, log_every=1)

@@ -205,3 +205,27 @@ def load_split(name_or_dir: str, split: str = "train", data_dir: str | None = No
   except ValueError as e:  # Unknown split, bad slice.
     raise ValueError(f"dataset {where}: {e}") from e
   return TextRecords(source, f"{where} [{split}]")
+
+
+def main(argv=None):
+  """`python -m rlhf_jax.data.tfds_builder --schema sft --data_dir D train=a.jsonl eval=b.jsonl`"""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description="Build a TFDS (array_record) dataset from JSONL.")
+  parser.add_argument("--schema", required=True, choices=sorted(sources.SCHEMAS))
+  parser.add_argument("--data_dir", required=True)
+  parser.add_argument("--name", default=None, help="default: the first file's name")
+  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("splits", nargs="+", help="SPLIT=FILE.jsonl, e.g. train=a.jsonl eval=b.jsonl")
+  args = parser.parse_args(argv)
+  split_files = {}
+  for item in args.splits:
+    split, sep, path = item.partition("=")
+    if not sep or not split or not path:
+      parser.error(f"{item!r}: expected SPLIT=FILE.jsonl")
+    split_files[split] = path
+  print(prepare_jsonl_dataset(split_files, args.schema, args.data_dir, args.name,
+                              overwrite=args.overwrite))
+
+
+if __name__ == "__main__":
+  main()
