@@ -81,3 +81,45 @@ def sft_config(preset: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown preset {preset!r} for configs/sft.py; presets: '', 'test'.")
   c.lock()
   return c
+
+
+def rm_config(preset: str = "") -> ml_collections.ConfigDict:
+  """Reward model. Needs an SFT policy: `sft_checkpoint` (a workdir's `sft` folder), else the
+  finished SFT run in the same workdir, else it runs the `sft` sub-config first."""
+  c = ml_collections.ConfigDict()
+  c.stage = "rm"
+  c.seed = 0
+  c.sft = sft_config(preset)  # network shape, tokenizer and the SFT run to reuse or do
+  c.sft_checkpoint = ""
+  c.init = "sft"  # trunk from the SFT policy, or "scratch"
+  c.mesh = mesh_config()
+  c.data = ml_collections.ConfigDict(dict(
+      task=c.sft.data.task, train_path="", eval_path="", tfds_name="", tfds_data_dir="",
+      tfds_eval_split="eval",
+      # Generated preferences (bundled tasks): samples of the SFT policy, labelled by a
+      # Bradley-Terry annotator on the gold reward.
+      num_train_prompts=4096, num_eval_prompts=512, samples_per_prompt=2,
+      generation_batch_size=64, annotator_temperature=0.1, annotator_seed=0, drop_ties=True,
+      batch_size=32, max_prompt_len=c.sft.data.max_prompt_len,
+      max_completion_len=c.sft.data.max_completion_len,
+      bad_pairs="drop",  # identical / over-long pairs: "drop" (counted) or "error"
+  ))
+  c.sampling = sampling_config()
+  c.loss = ml_collections.ConfigDict(dict(centering_coef=0.0))
+  c.normalize = ml_collections.ConfigDict(dict(num_samples=512))
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=3e-4, warmup_steps=20, decay_steps=300, end_lr_ratio=0.1,
+      weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, schedule="cosine"))
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=300, log_every=25, eval_every=100, checkpoint_every=100, keep_checkpoints=2,
+      num_samples_shown=0))
+  if preset == "test":
+    c.data.update(num_train_prompts=256, num_eval_prompts=64, generation_batch_size=32,
+                  batch_size=16)
+    c.normalize.num_samples = 64
+    c.optim.update(learning_rate=1e-3, warmup_steps=2, decay_steps=40)
+    c.train.update(num_steps=40, log_every=10, eval_every=20, checkpoint_every=20)
+  elif preset:
+    raise ValueError(f"unknown preset {preset!r} for configs/rm.py; presets: '', 'test'.")
+  c.lock()
+  return c

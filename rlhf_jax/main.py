@@ -8,6 +8,7 @@ are printed as one JSON line at the end.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -19,12 +20,13 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where the tokenizer, check
                                "(<workdir>/<stage>/checkpoints) and metrics.jsonl go. Rerunning "
                                "with the same workdir resumes from the latest checkpoint.")
 
-STAGES = ("sft",)
+STAGES = ("sft", "rm")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_logger().addFilter(_QuietLibraries())
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/ppo.py")
@@ -36,9 +38,10 @@ def main(argv):
     f.write(config.to_json_best_effort(indent=2))
   logging.info("config:\n%s", config)
 
-  from rlhf_jax import sft  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  # Imported here so that --help and config errors come back fast.
+  from rlhf_jax import rm, sft  # pylint: disable=g-import-not-at-top
 
-  result = sft.run(config, workdir)
+  result = {"sft": sft.run, "rm": rm.run}[config.stage](config, workdir)
   print(json.dumps({"stage": config.stage, "workdir": workdir, **result["metrics"]}))
 
 
@@ -46,10 +49,9 @@ class _QuietLibraries:
   """Drops INFO chatter of orbax (a dozen lines per checkpoint); warnings still pass."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   app.run(main)

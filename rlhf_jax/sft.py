@@ -10,6 +10,7 @@ perplexity, and sample continuations (with their gold reward on bundled tasks).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +45,61 @@ def sft_loss(model: PolicyModel, batch: dict[str, jax.Array]):
 
 def stage_dir(workdir: str | None, stage: str) -> str | None:
   return os.path.join(workdir, stage) if workdir else None
+
+
+def write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class Policy:
+  """A trained policy, as later stages need it."""
+  graphdef: Any
+  params: Any
+  model_config: TransformerConfig
+  tokenizer: tokenizer_lib.Tokenizer
+
+
+def load_policy(sft_dir: str, mesh) -> Policy:
+  """The final SFT policy from `<sft_dir>` (model_config.json, tokenizer.json, checkpoints/)."""
+  for name in ("model_config.json", "tokenizer.json"):
+    if not os.path.exists(os.path.join(sft_dir, name)):
+      raise FileNotFoundError(f"{sft_dir}: no {name}; expected the 'sft' folder of a workdir "
+                              "(e.g. --config.sft_checkpoint=workdir/sft).")
+  with open(os.path.join(sft_dir, "model_config.json")) as f:
+    model_cfg = TransformerConfig.from_config(json.load(f))
+  with open(os.path.join(sft_dir, "tokenizer.json")) as f:
+    tok = tokenizer_lib.from_description(json.load(f))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: PolicyModel(model_cfg, nnx.Rngs(0))))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, sharding.param_shardings(abstract, mesh))
+  ckpt = checkpoint.Checkpointer(os.path.join(sft_dir, "checkpoints"), save_every=0)
+  params = ckpt.restore_params(abstract)
+  ckpt.close()
+  return Policy(graphdef, params, model_cfg, tok)
+
+
+def ensure_policy(sft_config: ml_collections.ConfigDict, workdir: str | None, mesh,
+                  checkpoint_path: str = "") -> Policy:
+  """The SFT policy a later stage starts from: `checkpoint_path` if given, else the one in
+  `<workdir>/sft` if that run finished, else trains (or resumes) it now."""
+  if checkpoint_path:
+    return load_policy(checkpoint_path, mesh)
+  sft_dir = stage_dir(workdir, "sft")
+  if sft_dir and os.path.isdir(os.path.join(sft_dir, "checkpoints")):
+    ckpt = checkpoint.Checkpointer(os.path.join(sft_dir, "checkpoints"), save_every=0)
+    done = ckpt.latest_step() == sft_config.train.num_steps
+    ckpt.close()
+    if done:
+      logging.info("[sft] reusing the finished SFT run in %s", sft_dir)
+      return load_policy(sft_dir, mesh)
+  result = run(sft_config, workdir)
+  params = result["state"].params
+  params = jax.device_put(params, sharding.param_shardings(params, mesh))  # onto this mesh
+  return Policy(result["graphdef"], params, result["model_config"], result["tokenizer"])
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
@@ -82,8 +138,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
   if out_dir:
     ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"),
                                    config.train.checkpoint_every, config.train.keep_checkpoints)
-    with open(os.path.join(out_dir, "model_config.json"), "w") as f:
-      json.dump(model_cfg.to_dict(), f, indent=2)
+    write_json(os.path.join(out_dir, "model_config.json"), model_cfg.to_dict())
+    write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_lib.describe(tok))
   batches = batching.EpochIterator(arrays["train"], d.batch_size, config.seed,
                                    jax.process_index(), jax.process_count())
   state = loop.resume(ckpt, state, batches, writer)

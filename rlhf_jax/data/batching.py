@@ -104,3 +104,66 @@ class EpochIterator:
 
   def __iter__(self):
     return self
+
+
+@dataclasses.dataclass
+class PreferenceCounts:
+  kept: int = 0
+  identical: int = 0  # chosen == rejected: no signal, dropped (or an error)
+  truncated: int = 0  # a response longer than max_completion_len (or an error)
+
+
+def preference_arrays(records: Sequence[dict[str, str]], tok: Tokenizer, max_prompt_len: int,
+                      max_completion_len: int, counts: PreferenceCounts | None = None,
+                      bad_pairs: str = "drop", source: str = "records"
+                      ) -> dict[str, np.ndarray]:
+  """chosen/rejected tokens + masks [N, P + C] in the SFT layout, and a per-pair `margin`.
+
+  `bad_pairs="drop"` drops identical pairs and truncates over-long responses, counting
+  both; `"error"` raises on the first one, naming the record. An optional numeric
+  `margin` field of a record becomes the Bradley-Terry margin (default 0).
+  """
+  if bad_pairs not in ("drop", "error"):
+    raise ValueError(f"data.bad_pairs is {bad_pairs!r}; choose 'drop' or 'error'.")
+  counts = counts if counts is not None else PreferenceCounts()
+  kept, margins = [], []
+  for i, rec in enumerate(records):
+    if rec["chosen"] == rec["rejected"]:
+      if bad_pairs == "error":
+        raise ValueError(f"{source}: record {i}: chosen and rejected are identical; remove the "
+                         "pair or set data.bad_pairs='drop'.")
+      counts.identical += 1
+      continue
+    for key in ("chosen", "rejected"):
+      if len(tok.encode(rec[key])) + 1 > max_completion_len:
+        if bad_pairs == "error":
+          raise ValueError(f"{source}: record {i}: {key} is over data.max_completion_len "
+                           f"({max_completion_len} tokens incl. EOS); raise it or set "
+                           "data.bad_pairs='drop' to truncate.")
+        counts.truncated += 1
+        break
+    kept.append(rec)
+    margins.append(float(rec.get("margin", 0.0)))
+  counts.kept += len(kept)
+  out = {}
+  for key in ("chosen", "rejected"):
+    arr = sft_arrays([{"prompt": r["prompt"], "completion": r[key]} for r in kept], tok,
+                     max_prompt_len, max_completion_len, source=source)
+    out[f"{key}_tokens"], out[f"{key}_mask"] = arr["tokens"], arr["mask"]
+  out["margin"] = np.asarray(margins, np.float32)
+  return out
+
+
+def prompt_arrays(prompts: Sequence[str], tok: Tokenizer, max_prompt_len: int,
+                  counts: TruncationCounts | None = None) -> dict[str, np.ndarray]:
+  """Left-padded prompt tokens/mask [N, P], ready for generation (keeps each prompt's end)."""
+  tokens = np.full((len(prompts), max_prompt_len), tok.pad_id, np.int32)
+  mask = np.zeros((len(prompts), max_prompt_len), np.int32)
+  for i, text in enumerate(prompts):
+    ids = tok.encode(text)
+    if len(ids) > max_prompt_len:
+      ids = ids[-max_prompt_len:]
+      if counts: counts.prompts += 1
+    tokens[i, max_prompt_len - len(ids):] = ids
+    mask[i, max_prompt_len - len(ids):] = 1
+  return {"tokens": tokens, "mask": mask}

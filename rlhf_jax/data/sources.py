@@ -5,8 +5,9 @@ Three schemas, one per stage:
   preference  {"prompt": ..., "chosen": ..., "rejected": ...}
   prompt      {"prompt": ...}
 Every required field must be a non-empty string. A bad record is an error that names the
-file, the 1-based line and the field; nothing is skipped except blank lines. Other fields
-(ids, sources, ...) are allowed and left out of the returned records.
+file, the 1-based line and the field; nothing is skipped except blank lines. Preference
+records may carry a numeric `margin` (a Bradley-Terry margin, kept). Other fields (ids,
+sources, ...) are allowed and left out of the returned records.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"),
     "prompt": ("prompt",),
 }
+
+
+# Optional numeric fields that are kept when present.
+OPTIONAL_NUMBERS: dict[str, tuple[str, ...]] = {"preference": ("margin",)}
 
 
 def schema_fields(schema: str) -> tuple[str, ...]:
@@ -48,6 +53,12 @@ def check_record(record: Any, schema: str, where: str) -> dict[str, str]:
       raise ValueError(f"{where}: field {field!r} is an empty string; remove the record or "
                        "fill the field in.")
     out[field] = value
+  for field in OPTIONAL_NUMBERS.get(schema, ()):
+    if field in record:
+      value = record[field]
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: field {field!r} must be a number, got {value!r:.80}.")
+      out[field] = float(value)
   return out
 
 

@@ -254,3 +254,20 @@ def get_tokenizer(kind: str, workdir: str | None, corpus: Callable[[], Iterable[
   os.makedirs(os.path.dirname(cached), exist_ok=True)
   train_sentencepiece(corpus(), cached[:-len(".model")], vocab_size, model_type=model_type)
   return SentencePieceTokenizer(cached)
+
+
+def describe(tok: Tokenizer) -> dict:
+  """A JSON description that `from_description` turns back into the same tokenizer."""
+  if isinstance(tok, ByteTokenizer):
+    return {"kind": "byte"}
+  if isinstance(tok, SentencePieceTokenizer):
+    return {"kind": "sentencepiece", "model_path": os.path.abspath(tok.model_path)}
+  raise TypeError(f"cannot describe tokenizer of type {type(tok).__name__}.")
+
+
+def from_description(desc: dict) -> Tokenizer:
+  if desc.get("kind") == "byte":
+    return ByteTokenizer()
+  if desc.get("kind") == "sentencepiece":
+    return SentencePieceTokenizer(desc["model_path"])
+  raise ValueError(f"unknown tokenizer description {desc!r}.")

@@ -35,24 +35,48 @@ class Checkpointer:
       return False
     if step in self._mngr.all_steps():
       return False
+    # Params are their own item so that later stages can restore them alone.
     self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        params=ocp.args.StandardSave(state.params),
+        train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+        meta=ocp.args.JsonSave(meta)))
     self._mngr.wait_until_finished()
     logging.info("saved checkpoint %s/%d", self.directory, step)
     return True
 
   def restore(self, like, step: int | None = None):
     """(state, meta) at `step` (default: latest), placed with the shardings of `like`."""
+    step = self._step(step)
+    abstract = _abstract(like)
+    out = self._mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract.params),
+        train=ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state}),
+        meta=ocp.args.JsonRestore()))
+    logging.info("restored checkpoint %s/%d", self.directory, step)
+    state = like.replace(step=out.train["step"], params=out.params,
+                         opt_state=out.train["opt_state"])
+    return state, dict(out.meta)
+
+  def restore_params(self, like_params, step: int | None = None):
+    """Only the parameters (e.g. an SFT policy to start the RM or PPO from)."""
+    step = self._step(step)
+    out = self._mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(like_params))))
+    logging.info("restored params from %s/%d", self.directory, step)
+    return out.params
+
+  def _step(self, step):
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}.")
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        like)
-    out = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    logging.info("restored checkpoint %s/%d", self.directory, step)
-    return out.state, dict(out.meta)
+    return step
 
   def close(self):
     self._mngr.close()
+
+
+def _abstract(tree):
+  """ShapeDtypeStructs (with shardings) of arrays or of abstract arrays."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)

@@ -113,6 +113,8 @@ def train_loop(step_fn: Callable, state, batches, *, num_steps: int, log_every: 
       checkpointer.maybe_save(i, state, {"data_position": batches.position},
                               force=i == num_steps)
   bar.close()
+  if start >= num_steps and eval_fn:  # resumed a finished run: report its final eval
+    last = eval_fn(state)
   return state, last
 
 

@@ -1,0 +1,233 @@
+"""Reward model: Bradley-Terry on preference pairs, then normalised on SFT samples.
+
+    loss = -mean log sigmoid(r_chosen - r_rejected - margin) + c * mean((r_chosen + r_rejected)^2)
+
+The score r is the reward head read at the last non-pad token of prompt + response.
+After training, a gain and bias are fitted so that scores of SFT-policy samples have mean 0
+and std 1 (as in lm-human-preferences); they are stored in `<workdir>/rm/normalization.json`
+and applied by `load_reward_model(...).score` whenever the RM scores text for PPO.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from rlhf_jax import preferences, sharding, sft
+from rlhf_jax.data import batching, records as records_lib, sources, tasks, tokenizer as tokenizer_lib
+from rlhf_jax.models import RewardModel, TransformerConfig
+from rlhf_jax.train import checkpoint, loop, optim, state as state_lib
+
+
+def pair_scores(model: RewardModel, batch):
+  """(r_chosen [B], r_rejected [B]) from one forward over the 2B sequences."""
+  tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
+  mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+  r_2B = model(tokens, mask)
+  return jnp.split(r_2B, 2)
+
+
+def rm_loss(model: RewardModel, batch, centering_coef: float = 0.0):
+  r_c, r_r = pair_scores(model, batch)
+  diff = r_c - r_r
+  loss = -jnp.mean(jax.nn.log_sigmoid(diff - batch["margin"]))
+  if centering_coef:
+    loss += centering_coef * jnp.mean((r_c + r_r) ** 2)
+  rewards = jnp.concatenate([r_c, r_r])
+  return loss, {"accuracy": jnp.mean(diff > 0), "margin": jnp.mean(diff),
+                "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards)}
+
+
+@dataclasses.dataclass
+class RewardFunction:
+  """A trained, normalised RM: `score(params, tokens, mask) = gain * raw + bias`."""
+  graphdef: Any
+  params: Any
+  gain: float
+  bias: float
+  model_config: TransformerConfig
+  tokenizer: tokenizer_lib.Tokenizer
+
+  def score(self, params, tokens_BxT, mask_BxT):
+    return self.gain * nnx.merge(self.graphdef, params)(tokens_BxT, mask_BxT) + self.bias
+
+
+def load_reward_model(rm_dir: str, mesh) -> RewardFunction:
+  """The final RM of `<rm_dir>` (a workdir's `rm` folder) with its normalisation."""
+  for name in ("model_config.json", "tokenizer.json", "normalization.json"):
+    if not os.path.exists(os.path.join(rm_dir, name)):
+      raise FileNotFoundError(f"{rm_dir}: no {name}; expected the 'rm' folder of a finished RM "
+                              "run (e.g. --config.rm_checkpoint=workdir/rm).")
+  with open(os.path.join(rm_dir, "model_config.json")) as f:
+    model_cfg = TransformerConfig.from_config(json.load(f))
+  with open(os.path.join(rm_dir, "tokenizer.json")) as f:
+    tok = tokenizer_lib.from_description(json.load(f))
+  with open(os.path.join(rm_dir, "normalization.json")) as f:
+    norm = json.load(f)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(model_cfg, nnx.Rngs(0))))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, sharding.param_shardings(abstract, mesh))
+  ckpt = checkpoint.Checkpointer(os.path.join(rm_dir, "checkpoints"), save_every=0)
+  params = ckpt.restore_params(abstract)
+  ckpt.close()
+  return RewardFunction(graphdef, params, norm["gain"], norm["bias"], model_cfg, tok)
+
+
+def _preference_records(config, workdir, task, policy, mesh):
+  """(train, eval, source names): user files, or generated for the bundled task."""
+  d = config.data
+  if d.train_path or d.tfds_name:
+    train, evals, names, _ = records_lib.load_records(config, "preference", "")
+    return train, evals, names
+  if not workdir:
+    raise ValueError("the RM stage needs a workdir to write generated preferences into.")
+  out = {}
+  os.makedirs(os.path.join(workdir, "rm"), exist_ok=True)
+  for split, n in (("train", d.num_train_prompts), ("eval", d.num_eval_prompts)):
+    path = os.path.join(workdir, "rm", f"preferences_{split}.jsonl")
+    if not os.path.exists(path):  # generation is deterministic; a rerun reuses the file
+      preferences.generate(task, policy, mesh, config, split, n, path)
+    out[split] = path
+  return (sources.read_jsonl(out["train"], "preference"),
+          sources.read_jsonl(out["eval"], "preference"), out)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
+  d = config.data
+  mesh = sharding.make_mesh(config.mesh)
+  policy = sft.ensure_policy(config.sft, workdir, mesh, config.sft_checkpoint)
+  tok, model_cfg = policy.tokenizer, policy.model_config
+  task = None if (d.train_path or d.tfds_name) else tasks.get_task(d.task)
+  train_recs, eval_recs, names = _preference_records(config, workdir, task, policy, mesh)
+
+  arrays, counts = {}, {}
+  for split, recs in (("train", train_recs), ("eval", eval_recs)):
+    counts[split] = batching.PreferenceCounts()
+    arrays[split] = batching.preference_arrays(recs, tok, d.max_prompt_len, d.max_completion_len,
+                                               counts[split], d.bad_pairs, names[split])
+    logging.info("[rm] %s pairs from %s: %s", split, names[split], counts[split])
+
+  graphdef, params = sharding.init_sharded(
+      lambda: RewardModel(model_cfg, nnx.Rngs(params=config.seed)), mesh)
+  if config.init == "sft":  # trunk from the SFT policy; the reward head stays freshly initialised
+    params["trunk"] = jax.tree.map(lambda x: x, policy.params["trunk"])
+  elif config.init != "scratch":
+    raise ValueError(f"rm config: init is {config.init!r}; choose 'sft' or 'scratch'.")
+
+  tx = optim.make_optimizer(config.optim)
+  state, shardings = state_lib.create_train_state(params, tx, mesh)
+  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in arrays["train"].items()}
+  loss_fn = functools.partial(rm_loss, centering_coef=config.loss.centering_coef)
+  step = state_lib.make_train_step(graphdef, loss_fn, tx, mesh, shardings, batch_sh)
+  gold = None
+  if task is not None:
+    gold = [(task.gold_reward(r["prompt"], r["chosen"]), task.gold_reward(r["prompt"], r["rejected"]))
+            for r in eval_recs if r["chosen"] != r["rejected"]]
+  evaluate = _make_evaluator(graphdef, arrays["eval"], gold, d.batch_size, mesh)
+
+  out_dir = sft.stage_dir(workdir, "rm")
+  writer = loop.MetricsWriter(workdir, "rm")
+  ckpt = None
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"),
+                                   config.train.checkpoint_every, config.train.keep_checkpoints)
+  batches = batching.EpochIterator(arrays["train"], d.batch_size, config.seed,
+                                   jax.process_index(), jax.process_count())
+  state = loop.resume(ckpt, state, batches, writer)
+  state, metrics = loop.train_loop(
+      step, state, batches, num_steps=config.train.num_steps, log_every=config.train.log_every,
+      writer=writer, shard=lambda b: sharding.shard_batch(b, mesh), checkpointer=ckpt,
+      eval_fn=evaluate, eval_every=config.train.eval_every)
+
+  # Normalise on fresh SFT samples for the training prompts.
+  prompts = [r["prompt"] for r in train_recs][:config.normalize.num_samples]
+  prompts = (prompts * (config.normalize.num_samples // max(len(prompts), 1) + 1))[
+      :config.normalize.num_samples]
+  texts = preferences.sample_completions(policy, prompts, mesh, d.max_prompt_len,
+                                         d.max_completion_len, config.sampling,
+                                         d.generation_batch_size, config.seed + 2)
+  raw = score_texts(graphdef, state.params, tok, prompts, texts, d, mesh)
+  gain, bias = normalization(raw)
+  norm = {"gain": gain, "bias": bias, "raw_mean": float(raw.mean()), "raw_std": float(raw.std()),
+          "num_samples": len(raw)}
+  metrics.update({f"normalization/{k}": v for k, v in norm.items()})
+  for split in ("train", "eval"):
+    for k, v in dataclasses.asdict(counts[split]).items():
+      metrics[f"data/{split}_{k}"] = v
+  if out_dir:
+    sft.write_json(os.path.join(out_dir, "model_config.json"), model_cfg.to_dict())
+    sft.write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_lib.describe(tok))
+    sft.write_json(os.path.join(out_dir, "normalization.json"), norm)
+    ckpt.close()
+  writer.write(int(state.step), {k: v for k, v in metrics.items() if k.startswith("normalization")})
+  writer.close()
+  logging.info("[rm] normalisation on %d SFT samples: raw mean %.3f std %.3f -> gain %.3f bias %.3f",
+               len(raw), raw.mean(), raw.std(), gain, bias)
+  return {"metrics": metrics, "state": state, "graphdef": graphdef,
+          "reward": RewardFunction(graphdef, state.params, gain, bias, model_cfg, tok)}
+
+
+def normalization(raw_scores: np.ndarray) -> tuple[float, float]:
+  """(gain, bias) with gain * raw + bias of mean 0 and std 1 over `raw_scores`."""
+  raw_scores = np.asarray(raw_scores, np.float64)
+  std = raw_scores.std()
+  if not np.isfinite(std) or std < 1e-8:
+    raise FloatingPointError(f"RM scores of SFT samples have std {std}; cannot normalise (is the "
+                             "reward model constant?).")
+  return float(1.0 / std), float(-raw_scores.mean() / std)
+
+
+def score_texts(graphdef, params, tok, prompts, completions, d, mesh) -> np.ndarray:
+  """Raw RM scores of prompt + completion texts, in the training layout."""
+  recs = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+  bs = d.generation_batch_size
+  recs = recs + [recs[-1]] * (-len(recs) % bs)
+  arr = batching.sft_arrays(recs, tok, d.max_prompt_len, d.max_completion_len)
+  fwd = jax.jit(lambda p, t, m: nnx.merge(graphdef, p)(t, m))
+  out = []
+  with sharding.use_mesh(mesh):
+    for i in range(0, len(recs), bs):
+      b = sharding.shard_batch({"t": arr["tokens"][i:i + bs], "m": arr["mask"][i:i + bs]}, mesh)
+      out.append(np.asarray(jax.device_get(fwd(params, b["t"], b["m"]))))
+  return np.concatenate(out)[:len(prompts)]
+
+
+def _make_evaluator(graphdef, eval_arrays, gold, bs, mesh):
+  """Held-out accuracy against the labels and, on bundled tasks, against the gold order."""
+  scores = jax.jit(lambda p, b: pair_scores(nnx.merge(graphdef, p), b))
+  n = len(eval_arrays["margin"])
+  if n == 0:
+    raise ValueError("no held-out preference pairs left after dropping bad pairs.")
+  idx = np.arange(n + (-n % bs)) % n  # fixed batch shape: wrap around to fill the last batch
+  padded = {k: v[idx] for k, v in eval_arrays.items()}
+
+  def evaluate(state):
+    rc, rr = [], []
+    with sharding.use_mesh(mesh):
+      for i in range(0, len(padded["margin"]), bs):
+        b = sharding.shard_batch({k: v[i:i + bs] for k, v in padded.items()}, mesh)
+        c, r = jax.device_get(scores(state.params, b))
+        rc.append(c)
+        rr.append(r)
+    diff = (np.concatenate(rc) - np.concatenate(rr))[:n]
+    metrics = {"eval_accuracy": float(np.mean(diff > 0)), "eval_margin": float(diff.mean()),
+               "eval_loss": float(np.mean(np.logaddexp(0.0, -(diff - eval_arrays["margin"]))))}
+    if gold:
+      g = np.asarray(gold)
+      untied = g[:, 0] != g[:, 1]
+      agree = np.sign(diff[untied]) == np.sign(g[untied, 0] - g[untied, 1])
+      metrics["eval_gold_agreement"] = float(np.mean(agree))
+    return metrics
+
+  return evaluate
