@@ -1,11 +1,12 @@
 """The full pipeline, SFT -> RM -> PPO. `--config=configs/ppo.py[:test]`.
 
-The RM and PPO stages are not built yet (issues 4 and 5); until they are, this config runs
-the most complete stage that exists, SFT, so the main job already works end to end.
+The PPO stage is not built yet (issue 5); until it is, this config runs the most complete
+stage that exists, the reward model, which first trains (or reuses) the SFT policy in the
+same workdir: SFT -> preference generation -> RM.
 """
 
 from rlhf_jax import config
 
 
 def get_config(preset: str = ""):
-  return config.sft_config(preset)
+  return config.rm_config(preset)

@@ -154,7 +154,6 @@ def init_sharded(create_model: Callable[[], nnx.Module], mesh: Mesh, rules=LOGIC
   graphdef, abstract = nnx.split(nnx.eval_shape(create_model))
   shardings = param_shardings(abstract, mesh, rules)
 
-  @jax.jit
   def init():
     return nnx.split(create_model())[1]
 

@@ -85,7 +85,7 @@ class SftTest(absltest.TestCase):
     return cfg
 
   def test_short_run_learns_and_writes_metrics(self):
-    cfg = self._config()
+    cfg = self._config(eval_every=10)
     with tempfile.TemporaryDirectory() as wd:
       result = sft.run(cfg, wd)
       with open(os.path.join(wd, "metrics.jsonl")) as f:
@@ -95,6 +95,9 @@ class SftTest(absltest.TestCase):
     self.assertEqual(rows[0]["step"], 1)
     self.assertEqual(rows[-1]["step"], cfg.train.num_steps)
     self.assertLess(rows[-1]["loss"], 0.6 * rows[0]["loss"])
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    self.assertLen(evals, 3)  # steps 10, 20, 30
+    self.assertLess(evals[-1], 0.8 * evals[0])
     m = result["metrics"]
     self.assertAlmostEqual(m["eval_perplexity"], np.exp(m["eval_loss"]), places=3)
     self.assertBetween(m["gold/reward"], -10.0, 1.0)
@@ -172,12 +175,17 @@ class SftTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as wd:
       out = subprocess.run(
           [sys.executable, "-m", "rlhf_jax.main", "--config=configs/ppo.py:test",
-           f"--workdir={wd}", "--config.train.num_steps=4", "--config.train.log_every=2"],
+           f"--workdir={wd}", "--config.sft.train.num_steps=4", "--config.train.num_steps=4",
+           "--config.data.num_train_prompts=64", "--config.data.num_eval_prompts=32",
+           "--config.normalize.num_samples=32"],
           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
       self.assertEqual(out.returncode, 0, out.stderr[-3000:])
       final = json.loads(out.stdout.strip().splitlines()[-1])
-      self.assertEqual(final["stage"], "sft")
-      self.assertTrue(os.path.exists(os.path.join(wd, "config_sft.json")))
+      # configs/ppo.py runs the most complete stage that exists: RM, after SFT.
+      self.assertEqual(final["stage"], "rm")
+      self.assertIn("eval_gold_agreement", final)
+      self.assertTrue(os.path.exists(os.path.join(wd, "config_rm.json")))
+      self.assertTrue(os.path.exists(os.path.join(wd, "sft", "model_config.json")))
       bad = subprocess.run(
           [sys.executable, "-m", "rlhf_jax.main", "--config=configs/ppo.py:test",
            "--config.optim.learnig_rate=1"], cwd=REPO, capture_output=True, text=True,
