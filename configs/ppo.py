@@ -1,12 +1,11 @@
-"""The full pipeline, SFT -> RM -> PPO. `--config=configs/ppo.py[:test]`.
+"""The full pipeline: SFT -> preference generation -> RM -> PPO. `--config=configs/ppo.py[:test]`.
 
-The PPO stage is not built yet (issue 5); until it is, this config runs the most complete
-stage that exists, the reward model, which first trains (or reuses) the SFT policy in the
-same workdir: SFT -> preference generation -> RM.
+Each stage reuses a finished run in the workdir and resumes an interrupted one;
+`--config.sft_checkpoint=W/sft --config.rm_checkpoint=W/rm` runs PPO only.
 """
 
 from rlhf_jax import config
 
 
 def get_config(preset: str = ""):
-  return config.rm_config(preset)
+  return config.ppo_config(preset)

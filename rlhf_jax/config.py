@@ -123,3 +123,48 @@ def rm_config(preset: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown preset {preset!r} for configs/rm.py; presets: '', 'test'.")
   c.lock()
   return c
+
+
+def ppo_config(preset: str = "") -> ml_collections.ConfigDict:
+  """PPO against the RM, KL-penalised to the SFT policy. Finds or builds SFT and RM first
+  (in the same workdir), unless `sft_checkpoint` and `rm_checkpoint` are given."""
+  c = ml_collections.ConfigDict()
+  c.stage = "ppo"
+  c.seed = 0
+  c.rm = rm_config(preset)  # includes c.rm.sft: how to build the SFT policy and the RM
+  c.sft_checkpoint = ""  # a workdir's `sft` folder
+  c.rm_checkpoint = ""  # a workdir's `rm` folder
+  c.mesh = mesh_config()
+  c.data = ml_collections.ConfigDict(dict(
+      task=c.rm.data.task, prompts_path="", eval_prompts_path="",  # prompt JSONL instead
+      num_train_prompts=8192, num_eval_prompts=256,
+      batch_size=64,  # prompts (= episodes) per iteration
+      max_prompt_len=c.rm.data.max_prompt_len,
+      max_completion_len=c.rm.data.max_completion_len,  # response length (max new tokens)
+  ))
+  c.sampling = sampling_config(min_new_tokens=0)
+  c.ppo = ml_collections.ConfigDict(dict(
+      num_iterations=40, ppo_epochs=4, num_minibatches=2,
+      clip_ratio=0.2, value_clip=0.2, vf_coef=0.1, entropy_coef=0.0,
+      gamma=1.0, lam=0.95,
+      kl_estimator="k1",  # or "k3"
+      kl_coef=0.05, adaptive_kl=False, kl_target=6.0, kl_horizon=10000,
+      whiten_rewards=False, score_clip=0.0,  # 0: off
+      missing_eos_penalty=0.0,  # subtracted from the score of responses without EOS
+      target_approxkl=0.0,  # > 0: stop the epoch loop when a minibatch's approx-KL exceeds it
+      critic_init="reward",  # the critic starts as the RM ("reward") or the SFT trunk ("sft")
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=3e-5, warmup_steps=0, decay_steps=0, end_lr_ratio=1.0,
+      weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-5, grad_clip=1.0, schedule="constant"))
+  c.train = ml_collections.ConfigDict(dict(
+      checkpoint_every=10, keep_checkpoints=2, sample_every=10, num_samples_shown=2))
+  if preset == "test":
+    c.data.update(num_train_prompts=128, num_eval_prompts=32, batch_size=16)
+    c.ppo.update(num_iterations=6, ppo_epochs=2, num_minibatches=2)
+    c.optim.learning_rate = 1e-4
+    c.train.update(checkpoint_every=3, sample_every=3)
+  elif preset:
+    raise ValueError(f"unknown preset {preset!r} for configs/ppo.py; presets: '', 'test'.")
+  c.lock()
+  return c

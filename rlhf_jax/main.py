@@ -20,7 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where the tokenizer, check
                                "(<workdir>/<stage>/checkpoints) and metrics.jsonl go. Rerunning "
                                "with the same workdir resumes from the latest checkpoint.")
 
-STAGES = ("sft", "rm")
+STAGES = ("sft", "rm", "ppo")
 
 
 def main(argv):
@@ -39,9 +39,9 @@ def main(argv):
   logging.info("config:\n%s", config)
 
   # Imported here so that --help and config errors come back fast.
-  from rlhf_jax import rm, sft  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import ppo, rm, sft  # pylint: disable=g-import-not-at-top
 
-  result = {"sft": sft.run, "rm": rm.run}[config.stage](config, workdir)
+  result = {"sft": sft.run, "rm": rm.run, "ppo": ppo.run}[config.stage](config, workdir)
   print(json.dumps({"stage": config.stage, "workdir": workdir, **result["metrics"]}))
 
 

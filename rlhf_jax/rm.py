@@ -83,6 +83,25 @@ def load_reward_model(rm_dir: str, mesh) -> RewardFunction:
   return RewardFunction(graphdef, params, norm["gain"], norm["bias"], model_cfg, tok)
 
 
+def ensure_reward_model(rm_config: ml_collections.ConfigDict, workdir: str | None, mesh,
+                        checkpoint_path: str = "") -> tuple[RewardFunction, dict[str, float]]:
+  """(normalised RM, its final metrics): from `checkpoint_path` if given, else the finished
+  RM run in `<workdir>/rm`, else trains (or resumes) it now."""
+  rm_dir = checkpoint_path or sft.stage_dir(workdir, "rm")
+  summary = os.path.join(rm_dir, "summary.json") if rm_dir else ""
+  if checkpoint_path or (summary and os.path.exists(summary)):
+    logging.info("[rm] reusing the finished reward model in %s", rm_dir)
+    metrics = {}
+    if os.path.exists(summary):
+      with open(summary) as f:
+        metrics = json.load(f)
+    return load_reward_model(rm_dir, mesh), metrics
+  result = run(rm_config, workdir)
+  reward = result["reward"]
+  reward.params = jax.device_put(reward.params, sharding.param_shardings(reward.params, mesh))
+  return reward, result["metrics"]
+
+
 def _preference_records(config, workdir, task, policy, mesh):
   """(train, eval, source names): user files, or generated for the bundled task."""
   d = config.data
@@ -169,6 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
     sft.write_json(os.path.join(out_dir, "model_config.json"), model_cfg.to_dict())
     sft.write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_lib.describe(tok))
     sft.write_json(os.path.join(out_dir, "normalization.json"), norm)
+    sft.write_json(os.path.join(out_dir, "summary.json"), metrics)
     ckpt.close()
   writer.write(int(state.step), {k: v for k, v in metrics.items() if k.startswith("normalization")})
   writer.close()

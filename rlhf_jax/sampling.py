@@ -66,6 +66,7 @@ def make_sampler(graphdef, sampling: SamplingConfig, eos_id: int, pad_id: int):
     def step(carry, t):
       logits_BxV, cache, done_B, rng = carry
       rng, key = jax.random.split(rng)
+      logits_BxV = logits_BxV.astype(jnp.float32)
       if s.temperature > 0:
         logits_BxV = logits_BxV / s.temperature
       if s.min_new_tokens:

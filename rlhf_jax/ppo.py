@@ -1,0 +1,314 @@
+"""PPO against the reward model with a KL penalty to the SFT policy (the InstructGPT stage).
+
+One iteration:
+  1. rollout     sample responses to a batch of prompts with the policy (KV cache, one program)
+  2. experience  no gradients: logprobs of policy and frozen reference (logits / temperature),
+                 critic values, normalised RM score of prompt + response; per-token reward
+                 -beta * KL_t, plus the score at the last response token; GAE; whitening
+  3. update      ppo_epochs x minibatches of clipped policy loss + vf_coef * clipped value
+                 loss - entropy_coef * entropy, a fresh permutation each epoch; optional early
+                 stop when the minibatch approx-KL exceeds `target_approxkl`
+  4. beta        fixed, or Ziegler et al.'s adaptive controller
+The math is in `ppo_core.py`; this file wires models, data and the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from rlhf_jax import ppo_core, preferences, rm, sharding, sft
+from rlhf_jax.data import batching, sources, tasks
+from rlhf_jax.models import PolicyModel, ValueModel
+from rlhf_jax.sampling import SamplingConfig, make_sampler
+from rlhf_jax.train import checkpoint, loop, optim, state as state_lib
+
+
+class ActorCritic(nnx.Module):
+  """The two trained networks, so that one optimizer and one jitted step update both."""
+
+  def __init__(self, policy: PolicyModel, critic: ValueModel):
+    self.policy = policy
+    self.critic = critic
+
+
+def _response_logits(logits_BxLxV, n: int):
+  """Logits that predict the N response tokens: positions P-1 .. P+N-2 of the sequence."""
+  return logits_BxLxV[:, -n - 1:-1]
+
+
+def make_experience_fn(ac_graphdef, ref_graphdef, reward: rm.RewardFunction, cfg, eos_id: int):
+  """Jitted `(ac_params, ref_params, rm_params, batch, beta) -> experience dict`."""
+  p = cfg.ppo
+  temperature = cfg.sampling.temperature
+
+  def experience(ac_params, ref_params, rm_params, batch, beta):
+    ac = nnx.merge(ac_graphdef, ac_params)
+    ref = nnx.merge(ref_graphdef, ref_params)
+    seq, seq_mask, resp, mask = batch["seq"], batch["seq_mask"], batch["response"], batch["mask"]
+    n = resp.shape[1]
+    logits = _response_logits(ac.policy(seq, seq_mask)[0], n)
+    logp = ppo_core.token_logprobs(logits, resp, temperature) * mask
+    entropy = ppo_core.token_entropy(logits, temperature)
+    ref_logp = ppo_core.token_logprobs(_response_logits(ref(seq, seq_mask)[0], n), resp,
+                                       temperature) * mask
+    values = _response_logits(ac.critic(seq, seq_mask)[..., None], n)[..., 0] * mask
+    scores = reward.score(rm_params, seq, seq_mask)
+    has_eos = ((resp == eos_id) & (mask > 0)).any(axis=1)
+    if p.missing_eos_penalty:
+      scores = jnp.where(has_eos, scores, scores - p.missing_eos_penalty)
+    if p.score_clip:
+      scores = jnp.clip(scores, -p.score_clip, p.score_clip)
+    kl = ppo_core.kl_per_token(logp, ref_logp, p.kl_estimator) * mask
+    rewards, non_score = ppo_core.rlhf_rewards(kl, scores, mask, beta)
+    if p.whiten_rewards:
+      rewards = ppo_core.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = ppo_core.gae(rewards, values, mask, p.gamma, p.lam)
+    advantages = ppo_core.masked_whiten(advantages, mask)
+    kl_sum = kl.sum(axis=1)
+    metrics = {
+        "objective/kl": kl_sum.mean(),
+        "objective/entropy": (-logp).sum(axis=1).mean(),  # TRL's definition: sum of -log pi
+        "objective/non_score_reward": non_score.sum(axis=1).mean(),
+        "objective/scores": scores.mean(),
+        "objective/rlhf_reward": (scores + non_score.sum(axis=1)).mean(),
+        "val/num_eos_tokens": has_eos.sum(),
+        "policy/entropy_rollout": ppo_core.masked_mean(entropy, mask),
+        "response_length": mask.sum(axis=1).mean(),
+    }
+    exp = {"seq": seq, "seq_mask": seq_mask, "response": resp, "mask": mask, "old_logp": logp,
+           "old_values": values, "advantages": advantages, "returns": returns}
+    return exp, metrics
+
+  return jax.jit(experience)
+
+
+def ppo_loss(model: ActorCritic, batch, *, clip: float, value_clip: float, vf_coef: float,
+             entropy_coef: float, temperature: float):
+  n = batch["response"].shape[1]
+  mask = batch["mask"]
+  logits = _response_logits(model.policy(batch["seq"], batch["seq_mask"])[0], n)
+  logp = ppo_core.token_logprobs(logits, batch["response"], temperature) * mask
+  values = _response_logits(model.critic(batch["seq"], batch["seq_mask"])[..., None], n)[..., 0]
+  pg_loss, pg_metrics = ppo_core.policy_loss(logp, batch["old_logp"], batch["advantages"], mask,
+                                             clip)
+  vf_loss, vf_metrics = ppo_core.value_loss(values, batch["old_values"], batch["returns"], mask,
+                                            value_clip)
+  entropy = ppo_core.masked_mean(ppo_core.token_entropy(logits, temperature), mask)
+  loss = pg_loss + vf_coef * vf_loss - entropy_coef * entropy
+  return loss, {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy,
+                **pg_metrics, **vf_metrics}
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything an iteration needs, built once."""
+  mesh: Any
+  policy: sft.Policy  # the SFT policy: reference and starting point
+  reward: rm.RewardFunction
+  rm_metrics: dict
+  ac_graphdef: Any
+  state: Any
+  shardings: Any
+  tx: Any
+
+
+def _build(config, workdir) -> Setup:
+  mesh = sharding.make_mesh(config.mesh)
+  policy = sft.ensure_policy(config.rm.sft, workdir, mesh, config.sft_checkpoint)
+  reward, rm_metrics = rm.ensure_reward_model(config.rm, workdir, mesh, config.rm_checkpoint)
+  if reward.tokenizer.vocab_size != policy.tokenizer.vocab_size:
+    raise ValueError("the reward model and the policy use different tokenizers; train the RM "
+                     "from this SFT run (same workdir) or pass matching checkpoints.")
+  # The trained policy starts as a copy of the SFT one (which stays frozen as reference).
+  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
+  policy_params = copy(policy.params)
+  if config.ppo.critic_init == "reward":  # TRL's default: the critic is the RM, re-headed
+    critic_params = {"trunk": nnx.to_pure_dict(copy(reward.params["trunk"])),
+                     "value_head": nnx.to_pure_dict(copy(reward.params["reward_head"]))}
+  elif config.ppo.critic_init == "sft":  # SFT trunk, zero value head
+    critic_params = {"trunk": nnx.to_pure_dict(copy(policy.params["trunk"]))}
+  else:
+    raise ValueError(f"ppo.critic_init is {config.ppo.critic_init!r}; choose 'reward' or 'sft'.")
+
+  def create():
+    rngs = nnx.Rngs(params=config.seed)
+    return ActorCritic(PolicyModel(policy.model_config, rngs), ValueModel(reward.model_config, rngs))
+
+  ac_graphdef, ac_params = sharding.init_sharded(create, mesh)
+  nnx.replace_by_pure_dict(ac_params, {"policy": nnx.to_pure_dict(policy_params),
+                                       "critic": critic_params})
+  tx = optim.make_optimizer(config.optim)
+  state, shardings = state_lib.create_train_state(ac_params, tx, mesh)
+  return Setup(mesh, policy, reward, rm_metrics, ac_graphdef, state, shardings, tx)
+
+
+def _prompts(config, split: str, n: int):
+  d = config.data
+  if d.prompts_path:
+    recs = sources.read_jsonl(d.prompts_path if split == "train" else d.eval_prompts_path,
+                              "prompt")
+    return [r["prompt"] for r in recs][:n], None
+  task = tasks.get_task(d.task)
+  return [r["prompt"] for r in task.prompts(n, config.seed, split)], task
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
+  d, p = config.data, config.ppo
+  s = _build(config, workdir)
+  mesh, tok = s.mesh, s.policy.tokenizer
+  train_prompts, task = _prompts(config, "train", d.num_train_prompts)
+  eval_prompts, _ = _prompts(config, "eval", d.num_eval_prompts)
+  arrays = batching.prompt_arrays(train_prompts, tok, d.max_prompt_len)
+  arrays["index"] = np.arange(len(train_prompts))
+  prompt_batches = batching.EpochIterator(arrays, d.batch_size, config.seed,
+                                          jax.process_index(), jax.process_count())
+  if d.batch_size % p.num_minibatches:
+    raise ValueError(f"data.batch_size {d.batch_size} must divide by ppo.num_minibatches "
+                     f"{p.num_minibatches}.")
+
+  sampling_cfg = SamplingConfig(max_new_tokens=d.max_completion_len,
+                                temperature=config.sampling.temperature,
+                                top_k=config.sampling.top_k, top_p=config.sampling.top_p,
+                                min_new_tokens=config.sampling.min_new_tokens)
+  sampler = make_sampler(s.policy.graphdef, sampling_cfg, tok.eos_id, tok.pad_id)
+  experience_fn = make_experience_fn(s.ac_graphdef, s.policy.graphdef, s.reward, config,
+                                     tok.eos_id)
+  loss_fn = functools.partial(ppo_loss, clip=p.clip_ratio, value_clip=p.value_clip,
+                              vf_coef=p.vf_coef, entropy_coef=p.entropy_coef,
+                              temperature=config.sampling.temperature)
+  exp_keys = ("seq", "seq_mask", "response", "mask", "old_logp", "old_values", "advantages",
+              "returns")
+  batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in exp_keys}
+  train_step = state_lib.make_train_step(s.ac_graphdef, loss_fn, s.tx, mesh, s.shardings,
+                                         batch_sh)
+
+  out_dir = sft.stage_dir(workdir, "ppo")
+  writer = loop.MetricsWriter(workdir, "ppo")
+  ckpt = None
+  state, beta, start = s.state, float(p.kl_coef), 0
+  if out_dir:
+    ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"),
+                                   config.train.checkpoint_every, config.train.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+      state, meta = ckpt.restore(state)
+      prompt_batches.position = int(meta["data_position"])
+      beta, start = float(meta["kl_coef"]), int(meta["iteration"])
+      writer.drop_after(start)
+      logging.info("[ppo] resumed at iteration %d (kl_coef %.4g)", start, beta)
+
+  last: dict[str, float] = {}
+  t_start = time.perf_counter()
+  for it in range(start + 1, p.num_iterations + 1):
+    t0 = time.perf_counter()
+    host = next(prompt_batches)
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), it)
+    with sharding.use_mesh(mesh):
+      b = sharding.shard_batch({"tokens": host["tokens"], "mask": host["mask"]}, mesh)
+      out = sampler(state.params["policy"], b["tokens"], b["mask"], rng)
+      jax.block_until_ready(out)
+      t_rollout = time.perf_counter() - t0
+      batch = {"seq": jnp.concatenate([b["tokens"], out["tokens"]], axis=1),
+               "seq_mask": jnp.concatenate([b["mask"], out["mask"]], axis=1),
+               "response": out["tokens"], "mask": out["mask"]}
+      exp, metrics = experience_fn(state.params, s.policy.params, s.reward.params, batch,
+                                   jnp.float32(beta))
+    exp = jax.device_get(exp)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics["policy/sample_logprob_gap"] = float(np.abs(
+        jax.device_get(out["logprobs"]) - exp["old_logp"]).max())
+    texts = [tok.decode(t[m.astype(bool)]) for t, m in zip(exp["response"], exp["mask"])]
+    prompts = [train_prompts[i] for i in host["index"]]
+    if task is not None:
+      metrics["gold/reward"] = float(np.mean([task.gold_reward(q, a) for q, a in zip(prompts, texts)]))
+
+    update_rows, stopped_early = [], False
+    mb = d.batch_size // p.num_minibatches
+    for epoch in range(p.ppo_epochs):
+      perm = np.random.default_rng([config.seed, it, epoch]).permutation(d.batch_size)
+      for k in range(p.num_minibatches):
+        idx = perm[k * mb:(k + 1) * mb]
+        state, m = train_step(state, sharding.shard_batch({key: exp[key][idx] for key in exp_keys},
+                                                          mesh))
+        m = {key: float(v) for key, v in jax.device_get(m).items()}
+        loop.check_finite(it, m)
+        update_rows.append(m)
+        if p.target_approxkl and m["policy/approxkl"] > p.target_approxkl:
+          stopped_early = True
+          break
+      if stopped_early:
+        break
+    metrics.update(loop.mean_metrics(update_rows))
+    metrics["policy/first_minibatch_ratio"] = update_rows[0]["val/ratio"]
+    metrics["policy/epochs_stopped_early"] = float(stopped_early)
+    metrics["kl_coef"] = beta
+    if p.adaptive_kl:
+      beta = ppo_core.adaptive_kl_coef(beta, metrics["objective/kl"], p.kl_target, p.kl_horizon,
+                                       d.batch_size)
+    metrics["time/rollout_s"] = t_rollout
+    metrics["time/iteration_s"] = time.perf_counter() - t0
+    writer.write(it, metrics)
+    logging.info("[ppo] iter %d/%d (%.0fs) score=%.3f kl=%.3f gold=%.3f loss/policy=%.4f "
+                 "loss/value=%.4f clipfrac=%.3f kl_coef=%.4f", it, p.num_iterations,
+                 time.perf_counter() - t_start, metrics["objective/scores"],
+                 metrics["objective/kl"], metrics.get("gold/reward", float("nan")),
+                 metrics["loss/policy"], metrics["loss/value"], metrics["policy/clipfrac"], beta)
+    if config.train.sample_every and (it % config.train.sample_every == 0 or it == 1):
+      for q, a in list(zip(prompts, texts))[:config.train.num_samples_shown]:
+        logging.info("[ppo] sample | %s | %s", q, a)
+    if ckpt:
+      ckpt.maybe_save(it, state, {"data_position": prompt_batches.position, "kl_coef": beta,
+                                  "iteration": it}, force=it == p.num_iterations)
+    last = metrics
+  if ckpt:
+    ckpt.close()
+
+  summary = _summary(config, s, state, eval_prompts, task)
+  summary["final/kl"] = last.get("objective/kl", float("nan"))
+  if "eval_accuracy" in s.rm_metrics:
+    summary["rm/eval_accuracy"] = s.rm_metrics["eval_accuracy"]
+  if "eval_gold_agreement" in s.rm_metrics:
+    summary["rm/eval_gold_agreement"] = s.rm_metrics["eval_gold_agreement"]
+  writer.write(p.num_iterations, summary)
+  writer.close()
+  if out_dir:
+    sft.write_json(os.path.join(out_dir, "summary.json"), summary)
+  for k, v in sorted(summary.items()):
+    logging.info("[ppo] summary %s = %.4f", k, v)
+  return {"metrics": {**last, **summary}, "state": state}
+
+
+def _summary(config, s: Setup, state, eval_prompts, task) -> dict[str, float]:
+  """Gold reward and RM score of the SFT vs the PPO policy on the same held-out prompts."""
+  d = config.data
+  out = {}
+  for name, params in (("sft", s.policy.params), ("ppo", state.params["policy"])):
+    pol = sft.Policy(s.policy.graphdef, params, s.policy.model_config, s.policy.tokenizer)
+    texts = preferences.sample_completions(pol, eval_prompts, s.mesh, d.max_prompt_len,
+                                           d.max_completion_len, config.sampling,
+                                           d.batch_size, config.seed + 7)
+    raw = rm.score_texts(s.reward.graphdef, s.reward.params, s.policy.tokenizer, eval_prompts,
+                         texts, _ScoreLayout(d.max_prompt_len, d.max_completion_len + 1,
+                                             d.batch_size), s.mesh)
+    out[f"final/{name}_rm_score"] = float(np.mean(s.reward.gain * raw + s.reward.bias))
+    if task is not None:
+      out[f"final/{name}_gold_reward"] = float(np.mean(
+          [task.gold_reward(q, a) for q, a in zip(eval_prompts, texts)]))
+  return out
+
+
+@dataclasses.dataclass
+class _ScoreLayout:
+  max_prompt_len: int
+  max_completion_len: int
+  generation_batch_size: int
