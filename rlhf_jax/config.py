@@ -155,7 +155,7 @@ def ppo_config(preset: str = "") -> ml_collections.ConfigDict:
       critic_init="reward",  # the critic starts as the RM ("reward") or the SFT trunk ("sft")
   ))
   c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=3e-5, warmup_steps=0, decay_steps=0, end_lr_ratio=1.0,
+      learning_rate=1e-4, warmup_steps=0, decay_steps=0, end_lr_ratio=1.0,
       weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-5, grad_clip=1.0, schedule="constant"))
   c.train = ml_collections.ConfigDict(dict(
       checkpoint_every=10, keep_checkpoints=2, sample_every=10, num_samples_shown=2))

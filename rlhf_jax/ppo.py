@@ -285,7 +285,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
     sft.write_json(os.path.join(out_dir, "summary.json"), summary)
   for k, v in sorted(summary.items()):
     logging.info("[ppo] summary %s = %.4f", k, v)
-  return {"metrics": {**last, **summary}, "state": state}
+  # Programs compiled per jitted function: 1 each means no recompilation across iterations.
+  compiled = {"sampler": sampler._cache_size(), "experience": experience_fn._cache_size(),
+              "train_step": train_step.jitted._cache_size()}
+  return {"metrics": {**last, **summary}, "state": state, "compiled": compiled}
 
 
 def _summary(config, s: Setup, state, eval_prompts, task) -> dict[str, float]:
@@ -298,17 +301,9 @@ def _summary(config, s: Setup, state, eval_prompts, task) -> dict[str, float]:
                                            d.max_completion_len, config.sampling,
                                            d.batch_size, config.seed + 7)
     raw = rm.score_texts(s.reward.graphdef, s.reward.params, s.policy.tokenizer, eval_prompts,
-                         texts, _ScoreLayout(d.max_prompt_len, d.max_completion_len + 1,
-                                             d.batch_size), s.mesh)
+                         texts, d.max_prompt_len, d.max_completion_len, d.batch_size, s.mesh)
     out[f"final/{name}_rm_score"] = float(np.mean(s.reward.gain * raw + s.reward.bias))
     if task is not None:
       out[f"final/{name}_gold_reward"] = float(np.mean(
           [task.gold_reward(q, a) for q, a in zip(eval_prompts, texts)]))
   return out
-
-
-@dataclasses.dataclass
-class _ScoreLayout:
-  max_prompt_len: int
-  max_completion_len: int
-  generation_batch_size: int

@@ -13,7 +13,6 @@ they can be inspected and are reused on a rerun.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np

@@ -176,7 +176,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
   texts = preferences.sample_completions(policy, prompts, mesh, d.max_prompt_len,
                                          d.max_completion_len, config.sampling,
                                          d.generation_batch_size, config.seed + 2)
-  raw = score_texts(graphdef, state.params, tok, prompts, texts, d, mesh)
+  raw = score_texts(graphdef, state.params, tok, prompts, texts, d.max_prompt_len,
+                    d.max_completion_len, d.generation_batch_size, mesh)
   gain, bias = normalization(raw)
   norm = {"gain": gain, "bias": bias, "raw_mean": float(raw.mean()), "raw_std": float(raw.std()),
           "num_samples": len(raw)}
@@ -208,12 +209,13 @@ def normalization(raw_scores: np.ndarray) -> tuple[float, float]:
   return float(1.0 / std), float(-raw_scores.mean() / std)
 
 
-def score_texts(graphdef, params, tok, prompts, completions, d, mesh) -> np.ndarray:
-  """Raw RM scores of prompt + completion texts, in the training layout."""
+def score_texts(graphdef, params, tok, prompts, completions, max_prompt_len: int,
+                max_completion_len: int, batch_size: int, mesh) -> np.ndarray:
+  """Raw RM scores of prompt + completion texts, in the training layout (EOS appended)."""
   recs = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
-  bs = d.generation_batch_size
+  bs = batch_size
   recs = recs + [recs[-1]] * (-len(recs) % bs)
-  arr = batching.sft_arrays(recs, tok, d.max_prompt_len, d.max_completion_len)
+  arr = batching.sft_arrays(recs, tok, max_prompt_len, max_completion_len)
   fwd = jax.jit(lambda p, t, m: nnx.merge(graphdef, p)(t, m))
   out = []
   with sharding.use_mesh(mesh):

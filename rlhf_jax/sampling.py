@@ -10,7 +10,6 @@ before top-k/top-p filtering, which is what PPO needs for its old log-probs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp

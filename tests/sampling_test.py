@@ -316,6 +316,23 @@ class SamplingTest(parameterized.TestCase):
     allowed = np_keep(step_logits, top_k, top_p, slack=1e-4)
     emitted_ok = np.take_along_axis(allowed, tokens[..., None], -1)[..., 0]
     self.assertTrue(np.all(emitted_ok), f"{np.sum(~emitted_ok)} tokens outside the filter")
+    # Later steps: given the prompt and the tokens so far, the next token follows the
+    # filtered softmax of the full-forward logits (catches e.g. a key reused across steps).
+    for i in range(1, n):
+      contexts = {}
+      for row, ctx in enumerate(tokens[:, :i].tolist()):
+        contexts.setdefault((row % g, *ctx), []).append(row)
+      groups = [rows for rows in contexts.values() if len(rows) >= 100]
+      self.assertGreater(sum(map(len, groups)), 1000, f"step {i}: too few repeated contexts")
+      counts = np.stack([np.bincount(tokens[rows, i], minlength=V) for rows in groups])
+      first = [rows[0] for rows in groups]
+      want = np_softmax(np.where(np_keep(step_logits[first, i], top_k, top_p),
+                                 step_logits[first, i], -np.inf))
+      stat, dof = chi2_stat(counts, want)
+      self.assertLess(stat, chi2_threshold(dof), f"step {i}: chi2 {stat:.1f} with {dof} dof")
+    # Log-probs are those of the full softmax(logits / T), before top-k / top-p filtering.
+    want_logp = np.take_along_axis(np_log_softmax(step_logits), tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out["logprobs"], want_logp, rtol=0, atol=1e-4)
     if top_k or top_p < 1:
       # Unfiltered sampling would have emitted many tokens outside the set.
       outside_mass = np.sum(np_softmax(step_logits) * ~np_keep(step_logits, top_k, top_p))

@@ -172,20 +172,24 @@ class SftTest(absltest.TestCase):
       optim.make_optimizer({"learnig_rate": 1.0, "learning_rate": 1.0, "decay_steps": 10})
 
   def test_main_entry_point(self):
+    """The README's main job, `configs/ppo.py`, shrunk: SFT -> preferences -> RM -> PPO."""
     with tempfile.TemporaryDirectory() as wd:
       out = subprocess.run(
           [sys.executable, "-m", "rlhf_jax.main", "--config=configs/ppo.py:test",
-           f"--workdir={wd}", "--config.sft.train.num_steps=4", "--config.train.num_steps=4",
-           "--config.data.num_train_prompts=64", "--config.data.num_eval_prompts=32",
-           "--config.normalize.num_samples=32"],
-          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+           f"--workdir={wd}", "--config.rm.sft.train.num_steps=4", "--config.rm.train.num_steps=4",
+           "--config.rm.data.num_train_prompts=64", "--config.rm.data.num_eval_prompts=32",
+           "--config.rm.normalize.num_samples=32", "--config.ppo.num_iterations=2",
+           "--config.data.num_eval_prompts=16"],
+          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
       self.assertEqual(out.returncode, 0, out.stderr[-3000:])
       final = json.loads(out.stdout.strip().splitlines()[-1])
-      # configs/ppo.py runs the most complete stage that exists: RM, after SFT.
-      self.assertEqual(final["stage"], "rm")
-      self.assertIn("eval_gold_agreement", final)
-      self.assertTrue(os.path.exists(os.path.join(wd, "config_rm.json")))
-      self.assertTrue(os.path.exists(os.path.join(wd, "sft", "model_config.json")))
+      self.assertEqual(final["stage"], "ppo")
+      for key in ("final/sft_gold_reward", "final/ppo_gold_reward", "final/kl",
+                  "rm/eval_accuracy"):
+        self.assertIn(key, final)
+      for path in ("config_ppo.json", "sft/model_config.json", "rm/normalization.json",
+                   "ppo/summary.json"):
+        self.assertTrue(os.path.exists(os.path.join(wd, path)), path)
       bad = subprocess.run(
           [sys.executable, "-m", "rlhf_jax.main", "--config=configs/ppo.py:test",
            "--config.optim.learnig_rate=1"], cwd=REPO, capture_output=True, text=True,

@@ -7,7 +7,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl.testing import absltest, parameterized  # pylint: disable=g-import-not-at-top
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx

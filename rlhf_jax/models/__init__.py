@@ -3,3 +3,6 @@
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.heads import PolicyModel, RewardModel, ValueModel, build
 from rlhf_jax.models.transformer import KVCache, Transformer, init_cache, last_token_index, positions_from_mask
+
+__all__ = ["KVCache", "PolicyModel", "RewardModel", "Transformer", "TransformerConfig",
+           "ValueModel", "build", "init_cache", "last_token_index", "positions_from_mask"]
