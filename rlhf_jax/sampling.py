@@ -68,10 +68,12 @@ def make_sampler(graphdef, sampling: SamplingConfig, eos_id: int, pad_id: int):
       logits_BxV = logits_BxV.astype(jnp.float32)
       if s.temperature > 0:
         logits_BxV = logits_BxV / s.temperature
-      if s.min_new_tokens:
-        logits_BxV = jnp.where((t < s.min_new_tokens) & (jnp.arange(logits_BxV.shape[-1]) == eos_id),
-                               -jnp.inf, logits_BxV)
+      # Log-probs of the policy itself, before the EOS ban below: PPO's training forward
+      # recomputes exactly these.
       logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+      if s.min_new_tokens:
+        banned_V = jnp.arange(logits_BxV.shape[-1]) == eos_id
+        logits_BxV = jnp.where((t < s.min_new_tokens) & banned_V, -jnp.inf, logits_BxV)
       if s.temperature > 0:
         token_B = jax.random.categorical(key, filter_logits(logits_BxV, s.top_k, s.top_p))
       else:

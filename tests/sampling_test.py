@@ -248,7 +248,7 @@ class SamplingTest(parameterized.TestCase):
       kept_probs = np.where(np.isfinite(out), probs, 0.0)
       mass = kept_probs.sum(-1)
       smallest = np.where(np.isfinite(out), probs, np.inf).min(-1)
-      self.assertTrue(np.all(mass >= min(top_p, 1.0) - 1e-6), mass.min())
+      self.assertTrue(np.all(mass >= top_p - 1e-6), mass.min())
       self.assertTrue(np.all(mass - smallest < top_p), (mass - smallest).max())
       if top_p > 0.01:
         self.assertGreater(len(set(kept.tolist())), 1)  # Nucleus size adapts per row.
@@ -424,6 +424,10 @@ class SamplingTest(parameterized.TestCase):
     logits0 = full_logits(params, prompts[:1], pmask[:1])[0, -1]
     self.assertEqual(int(logits0.argmax()), eos_id)
     self.assertEqual(out["tokens"][0, 0], int(np.argsort(-logits0)[1]))
+    # The returned log-prob is the policy's own (EOS not banned), as PPO recomputes it.
+    logp0 = logits0 - np.log(np.exp(logits0 - logits0.max()).sum()) - logits0.max()
+    self.assertAlmostEqual(float(out["logprobs"][0, 0]), float(logp0[out["tokens"][0, 0]]),
+                           places=4)
     want_tokens, want_mask, _, gap = greedy_reference(params, prompts, pmask, n, eos_id,
                                                       min_new=min_new)
     self.assertGreater(gap, 1e-3)
