@@ -45,6 +45,7 @@ def _tiny_reward_model():
 _score = jax.jit(lambda model, tokens, mask: model(tokens, mask))
 _pair_scores = jax.jit(rm.pair_scores)
 _rm_loss = jax.jit(rm.rm_loss, static_argnums=2)
+_per_token = jax.jit(lambda model, tokens, mask: model.per_token(tokens, mask))
 
 
 def _pairs(n, seed=0):
@@ -117,6 +118,19 @@ class RmUnitTest(parameterized.TestCase):
     for key, (s_c, s_r) in scores.items():
       np.testing.assert_allclose(s_c, ref_c, atol=2e-5, err_msg=str(key))
       np.testing.assert_allclose(s_r, ref_r, atol=2e-5, err_msg=str(key))
+
+    # The score is the per-token head at the last real token (the EOS), and the ids sitting
+    # in pad slots do not matter.
+    batch = batching.preference_arrays(recs, tok, 20, 16)
+    tokens, mask = batch["chosen_tokens"], batch["chosen_mask"]
+    last = np.array([np.flatnonzero(row)[-1] for row in mask])
+    np.testing.assert_array_equal(tokens[np.arange(8), last], tok.eos_id)
+    per_token = np.asarray(_per_token(model, tokens, mask))
+    np.testing.assert_allclose(per_token[np.arange(8), last], ref_c, atol=2e-5)
+    garbage = np.where(mask == 1, tokens,
+                       np.random.default_rng(0).integers(3, tok.vocab_size, tokens.shape))
+    np.testing.assert_allclose(np.asarray(_score(model, garbage.astype(np.int32), mask)), ref_c,
+                               atol=2e-5)
 
   def test_normalization(self):
     rng = np.random.default_rng(0)
@@ -195,7 +209,8 @@ class RmUnitTest(parameterized.TestCase):
       for bad, msg in ((dict(good, chosen=""), "prefs.jsonl:2: field 'chosen' is an empty"),
                        (dict(good, rejected=""), "prefs.jsonl:2: field 'rejected' is an empty"),
                        ({"prompt": "a", "chosen": "b"}, "prefs.jsonl:2: missing field 'rejected'"),
-                       (dict(good, margin="big"), "prefs.jsonl:2: field 'margin' must be a number")):
+                       (dict(good, margin="big"),
+                        "prefs.jsonl:2: field 'margin' must be a number")):
         with open(path, "w") as f:
           f.write(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         with self.assertRaisesRegex(ValueError, msg):
@@ -290,10 +305,10 @@ class RmStageTest(absltest.TestCase):
                               reward.tokenizer, d.max_prompt_len, d.max_completion_len)
     with sharding.use_mesh(mesh):
       batch = sharding.shard_batch({"t": arr["tokens"], "m": arr["mask"]}, mesh)
-      score = np.asarray(jax.jit(reward.score)(reward.params, batch["t"], batch["m"]),
-                         np.float64)
-      raw = np.asarray(nnx.merge(reward.graphdef, reward.params)(batch["t"], batch["m"]),
-                       np.float64)
+      score, raw = jax.jit(lambda p, t, m: (reward.score(p, t, m),
+                                            nnx.merge(reward.graphdef, p)(t, m)))(
+                                                reward.params, batch["t"], batch["m"])
+    score, raw = np.asarray(score, np.float64), np.asarray(raw, np.float64)
     np.testing.assert_allclose(score, norm["gain"] * raw + norm["bias"], rtol=1e-5, atol=1e-5)
     self.assertAlmostEqual(score.mean(), 0.0, delta=1e-3)
     self.assertAlmostEqual(np.std(score), 1.0, delta=1e-3)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rlhf_jax.data.sources import check_record
 from rlhf_jax.data.tokenizer import Tokenizer
 
 
@@ -111,6 +112,7 @@ class PreferenceCounts:
   kept: int = 0
   identical: int = 0  # chosen == rejected: no signal, dropped (or an error)
   truncated: int = 0  # a response longer than max_completion_len (or an error)
+  truncated_prompts: int = 0  # a prompt longer than max_prompt_len: its end is kept
 
 
 def preference_arrays(records: Sequence[dict[str, str]], tok: Tokenizer, max_prompt_len: int,
@@ -119,8 +121,8 @@ def preference_arrays(records: Sequence[dict[str, str]], tok: Tokenizer, max_pro
                       ) -> dict[str, np.ndarray]:
   """chosen/rejected tokens + masks [N, P + C] in the SFT layout, and a per-pair `margin`.
 
-  `bad_pairs="drop"` drops identical pairs and truncates over-long responses, counting
-  both; `"error"` raises on the first one, naming the record. An optional numeric
+  `bad_pairs="drop"` drops identical pairs and truncates over-long prompts (keeping their
+  end) and responses, counting each; `"error"` raises on the first one, naming the record. An optional numeric
   `margin` field of a record becomes the Bradley-Terry margin (default 0).
   """
   if bad_pairs not in ("drop", "error"):
@@ -128,6 +130,13 @@ def preference_arrays(records: Sequence[dict[str, str]], tok: Tokenizer, max_pro
   counts = counts if counts is not None else PreferenceCounts()
   kept, margins = [], []
   for i, rec in enumerate(records):
+    rec = check_record(rec, "preference", f"{source}: record {i}")
+    if len(tok.encode(rec["prompt"])) > max_prompt_len:
+      if bad_pairs == "error":
+        raise ValueError(f"{source}: record {i}: prompt is over data.max_prompt_len "
+                         f"({max_prompt_len} tokens); raise it or set data.bad_pairs='drop' "
+                         "to keep the prompt's end.")
+      counts.truncated_prompts += 1
     if rec["chosen"] == rec["rejected"]:
       if bad_pairs == "error":
         raise ValueError(f"{source}: record {i}: chosen and rejected are identical; remove the "
