@@ -29,6 +29,7 @@ from flax import nnx
 
 from rlhf_jax import ppo_core, preferences, rm, sharding, sft
 from rlhf_jax.data import batching, sources, tasks
+from rlhf_jax.fileio import write_json
 from rlhf_jax.models import PolicyModel, ValueModel
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib
@@ -282,7 +283,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
   writer.write(p.num_iterations, summary)
   writer.close()
   if out_dir:
-    sft.write_json(os.path.join(out_dir, "summary.json"), summary)
+    write_json(os.path.join(out_dir, "summary.json"), summary)
   for k, v in sorted(summary.items()):
     logging.info("[ppo] summary %s = %.4f", k, v)
   # Programs compiled per jitted function: 1 each means no recompilation across iterations.

@@ -24,6 +24,7 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import preferences, sharding, sft
+from rlhf_jax.fileio import write_json
 from rlhf_jax.data import batching, records as records_lib, sources, tasks, tokenizer as tokenizer_lib
 from rlhf_jax.models import RewardModel, TransformerConfig
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib
@@ -64,22 +65,11 @@ class RewardFunction:
 
 def load_reward_model(rm_dir: str, mesh) -> RewardFunction:
   """The final RM of `<rm_dir>` (a workdir's `rm` folder) with its normalisation."""
-  for name in ("model_config.json", "tokenizer.json", "normalization.json"):
-    if not os.path.exists(os.path.join(rm_dir, name)):
-      raise FileNotFoundError(f"{rm_dir}: no {name}; expected the 'rm' folder of a finished RM "
-                              "run (e.g. --config.rm_checkpoint=workdir/rm).")
-  with open(os.path.join(rm_dir, "model_config.json")) as f:
-    model_cfg = TransformerConfig.from_config(json.load(f))
-  with open(os.path.join(rm_dir, "tokenizer.json")) as f:
-    tok = tokenizer_lib.from_description(json.load(f))
+  graphdef, params, model_cfg, tok = sft.load_network(
+      rm_dir, RewardModel, mesh, extra_files=("normalization.json",),
+      hint="expected the 'rm' folder of a finished RM run (e.g. --config.rm_checkpoint=workdir/rm).")
   with open(os.path.join(rm_dir, "normalization.json")) as f:
     norm = json.load(f)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: RewardModel(model_cfg, nnx.Rngs(0))))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, sharding.param_shardings(abstract, mesh))
-  ckpt = checkpoint.Checkpointer(os.path.join(rm_dir, "checkpoints"), save_every=0)
-  params = ckpt.restore_params(abstract)
-  ckpt.close()
   return RewardFunction(graphdef, params, norm["gain"], norm["bias"], model_cfg, tok)
 
 
@@ -186,10 +176,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
     for k, v in dataclasses.asdict(counts[split]).items():
       metrics[f"data/{split}_{k}"] = v
   if out_dir:
-    sft.write_json(os.path.join(out_dir, "model_config.json"), model_cfg.to_dict())
-    sft.write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_lib.describe(tok))
-    sft.write_json(os.path.join(out_dir, "normalization.json"), norm)
-    sft.write_json(os.path.join(out_dir, "summary.json"), metrics)
+    write_json(os.path.join(out_dir, "model_config.json"), model_cfg.to_dict())
+    write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_lib.describe(tok))
+    write_json(os.path.join(out_dir, "normalization.json"), norm)
+    write_json(os.path.join(out_dir, "summary.json"), metrics)
     ckpt.close()
   writer.write(int(state.step), {k: v for k, v in metrics.items() if k.startswith("normalization")})
   writer.close()

@@ -25,6 +25,7 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import sharding
+from rlhf_jax.fileio import write_json
 from rlhf_jax.data import batching, records as records_lib, tokenizer as tokenizer_lib
 from rlhf_jax.models import PolicyModel, TransformerConfig
 from rlhf_jax.sampling import SamplingConfig, make_sampler
@@ -47,13 +48,6 @@ def stage_dir(workdir: str | None, stage: str) -> str | None:
   return os.path.join(workdir, stage) if workdir else None
 
 
-def write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 @dataclasses.dataclass
 class Policy:
   """A trained policy, as later stages need it."""
@@ -63,23 +57,29 @@ class Policy:
   tokenizer: tokenizer_lib.Tokenizer
 
 
-def load_policy(sft_dir: str, mesh) -> Policy:
-  """The final SFT policy from `<sft_dir>` (model_config.json, tokenizer.json, checkpoints/)."""
-  for name in ("model_config.json", "tokenizer.json"):
-    if not os.path.exists(os.path.join(sft_dir, name)):
-      raise FileNotFoundError(f"{sft_dir}: no {name}; expected the 'sft' folder of a workdir "
-                              "(e.g. --config.sft_checkpoint=workdir/sft).")
-  with open(os.path.join(sft_dir, "model_config.json")) as f:
+def load_network(stage_dir: str, model_cls, mesh, extra_files=(), hint: str = ""):
+  """(graphdef, params, model config, tokenizer) of a finished stage folder
+  (model_config.json, tokenizer.json, checkpoints/), params placed on `mesh`."""
+  for name in ("model_config.json", "tokenizer.json", *extra_files):
+    if not os.path.exists(os.path.join(stage_dir, name)):
+      raise FileNotFoundError(f"{stage_dir}: no {name}; {hint}")
+  with open(os.path.join(stage_dir, "model_config.json")) as f:
     model_cfg = TransformerConfig.from_config(json.load(f))
-  with open(os.path.join(sft_dir, "tokenizer.json")) as f:
+  with open(os.path.join(stage_dir, "tokenizer.json")) as f:
     tok = tokenizer_lib.from_description(json.load(f))
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: PolicyModel(model_cfg, nnx.Rngs(0))))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(model_cfg, nnx.Rngs(0))))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, sharding.param_shardings(abstract, mesh))
-  ckpt = checkpoint.Checkpointer(os.path.join(sft_dir, "checkpoints"), save_every=0)
+  ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), save_every=0)
   params = ckpt.restore_params(abstract)
   ckpt.close()
-  return Policy(graphdef, params, model_cfg, tok)
+  return graphdef, params, model_cfg, tok
+
+
+def load_policy(sft_dir: str, mesh) -> Policy:
+  """The final SFT policy of `<sft_dir>` (a workdir's `sft` folder)."""
+  return Policy(*load_network(sft_dir, PolicyModel, mesh, hint="expected the 'sft' folder of "
+                              "a workdir (e.g. --config.sft_checkpoint=workdir/sft)."))
 
 
 def ensure_policy(sft_config: ml_collections.ConfigDict, workdir: str | None, mesh,

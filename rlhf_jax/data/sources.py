@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from typing import Any, Iterable, Mapping
+
+from rlhf_jax.fileio import atomic_write
 
 SCHEMAS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "completion"),
@@ -101,14 +102,5 @@ def write_jsonl(path: str, records: Iterable[Mapping[str, Any]], schema: str | N
     if schema is not None:
       check_record(record, schema, f"record {i} for {path}")
     lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(lines)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  atomic_write(path, "".join(lines))
   return len(lines)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import io
 import os
 import random
-import uuid
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import sentencepiece as spm
+
+from rlhf_jax.fileio import atomic_write
 
 
 class Tokenizer(Protocol):
@@ -206,16 +207,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
               "number of distinct characters), or call train_sentencepiece with "
               "hard_vocab_limit=False to accept fewer pieces.")
     raise ValueError(f"SentencePiece training for {path} failed: {e}{hint}") from e
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(proto.getvalue())
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  atomic_write(path, proto.getvalue())
   return path
 
 
