@@ -157,6 +157,9 @@ def _build(config, workdir) -> Setup:
 def _prompts(config, split: str, n: int):
   d = config.data
   if d.prompts_path:
+    if not d.eval_prompts_path:
+      raise ValueError("data.prompts_path is set but data.eval_prompts_path is not; give "
+                       "held-out prompts for the final SFT-vs-PPO comparison.")
     recs = sources.read_jsonl(d.prompts_path if split == "train" else d.eval_prompts_path,
                               "prompt")
     return [r["prompt"] for r in recs][:n], None

@@ -91,6 +91,10 @@ def generate(task, policy, mesh, config, split: str, num_prompts: int, path: str
       records.append({"prompt": repeated[i], "chosen": texts[c], "rejected": texts[r],
                       "gold_chosen": float(gold[c]), "gold_rejected": float(gold[r])})
   counts.pairs = len(records)
+  if not records:
+    raise ValueError(f"no usable {split} preference pairs from {num_prompts} prompts ({counts}): "
+                     "the SFT policy's samples are all empty, identical or tied in gold reward. "
+                     "Train SFT longer or raise data.num_train_prompts / num_eval_prompts.")
   sources.write_jsonl(path, records, "preference")
   logging.info("[rm] %s preferences: %s -> %s (gold reward of samples: mean %.3f)", split,
                counts, path, gold.mean())

@@ -176,7 +176,7 @@ class SftTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as wd:
       out = subprocess.run(
           [sys.executable, "-m", "rlhf_jax.main", "--config=configs/ppo.py:test",
-           f"--workdir={wd}", "--config.rm.sft.train.num_steps=4", "--config.rm.train.num_steps=4",
+           f"--workdir={wd}", "--config.rm.train.num_steps=4",
            "--config.rm.data.num_train_prompts=64", "--config.rm.data.num_eval_prompts=32",
            "--config.rm.normalize.num_samples=32", "--config.ppo.num_iterations=2",
            "--config.data.num_eval_prompts=16"],
