@@ -129,7 +129,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
   graphdef, params = sharding.init_sharded(
       lambda: RewardModel(model_cfg, nnx.Rngs(params=config.seed)), mesh)
   if config.init == "sft":  # trunk from the SFT policy; the reward head stays freshly initialised
-    params["trunk"] = jax.tree.map(lambda x: x, policy.params["trunk"])
+    # (create_train_state below copies it, so donating the RM state never frees the policy's.)
+    params["trunk"] = policy.params["trunk"]
   elif config.init != "scratch":
     raise ValueError(f"rm config: init is {config.init!r}; choose 'sft' or 'scratch'.")
 
