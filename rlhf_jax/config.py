@@ -66,7 +66,8 @@ def sft_config(preset: str = "") -> ml_collections.ConfigDict:
   c.sampling = sampling_config()
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, warmup_steps=30, decay_steps=600, end_lr_ratio=0.1,
-      weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, schedule="cosine"))
+      weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, schedule="cosine",
+      grad_accum_steps=1))  # > 1: micro-batches per update
   c.train = ml_collections.ConfigDict(dict(
       num_steps=600, log_every=50, eval_every=200, checkpoint_every=200, keep_checkpoints=2,
       num_samples_shown=2))
@@ -109,7 +110,8 @@ def rm_config(preset: str = "") -> ml_collections.ConfigDict:
   c.normalize = ml_collections.ConfigDict(dict(num_samples=512))
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=3e-4, warmup_steps=20, decay_steps=300, end_lr_ratio=0.1,
-      weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, schedule="cosine"))
+      weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, schedule="cosine",
+      grad_accum_steps=1))  # > 1: micro-batches per update
   c.train = ml_collections.ConfigDict(dict(
       num_steps=300, log_every=25, eval_every=100, checkpoint_every=100, keep_checkpoints=2,
       num_samples_shown=0))
@@ -152,11 +154,15 @@ def ppo_config(preset: str = "") -> ml_collections.ConfigDict:
       whiten_rewards=False, score_clip=0.0,  # 0: off
       missing_eos_penalty=0.0,  # subtracted from the score of responses without EOS
       target_approxkl=0.0,  # > 0: stop the epoch loop when a minibatch's approx-KL exceeds it
-      critic_init="reward",  # the critic starts as the RM ("reward") or the SFT trunk ("sft")
+      # The critic: a separate network started from the RM ("reward") or the SFT trunk
+      # ("sft"), or a value head on the policy's own trunk ("shared").
+      critic="reward",
+      reward="model",  # score with the trained RM, or "gold": the bundled task's gold reward
   ))
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=0, decay_steps=0, end_lr_ratio=1.0,
-      weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-5, grad_clip=1.0, schedule="constant"))
+      weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-5, grad_clip=1.0, schedule="constant",
+      grad_accum_steps=1))  # > 1: micro-batches per minibatch update
   c.train = ml_collections.ConfigDict(dict(
       checkpoint_every=10, keep_checkpoints=2, sample_every=10, num_samples_shown=2))
   if preset == "test":

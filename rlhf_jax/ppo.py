@@ -31,16 +31,30 @@ from rlhf_jax import ppo_core, preferences, rm, sharding, sft
 from rlhf_jax.data import batching, sources, tasks
 from rlhf_jax.fileio import write_json
 from rlhf_jax.models import PolicyModel, ValueModel
+from rlhf_jax.models.heads import ScalarHead
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib
 
 
 class ActorCritic(nnx.Module):
-  """The two trained networks, so that one optimizer and one jitted step update both."""
+  """What PPO trains, so that one optimizer and one jitted step update it all: the policy and
+  a critic that is either a separate network (`critic`) or a value head on the policy's own
+  trunk (`value_head`; half the compute, but value gradients then move the policy too)."""
 
-  def __init__(self, policy: PolicyModel, critic: ValueModel):
+  def __init__(self, policy: PolicyModel, critic: ValueModel | None = None,
+               value_head: ScalarHead | None = None):
+    if (critic is None) == (value_head is None):
+      raise ValueError("ActorCritic takes exactly one of `critic` and `value_head`.")
     self.policy = policy
     self.critic = critic
+    self.value_head = value_head
+
+  def __call__(self, seq_BxT, mask_BxT):
+    """(policy logits [B, T, V], values [B, T]) at every position."""
+    if self.critic is not None:
+      return self.policy(seq_BxT, mask_BxT)[0], self.critic(seq_BxT, mask_BxT)
+    h_BxTxD, _ = self.policy.trunk(seq_BxT, mask_BxT)
+    return self.policy.logits(h_BxTxD), self.value_head(h_BxTxD)
 
 
 def _response_logits(logits_BxLxV, n: int):
@@ -48,8 +62,13 @@ def _response_logits(logits_BxLxV, n: int):
   return logits_BxLxV[:, -n - 1:-1]
 
 
-def make_experience_fn(ac_graphdef, ref_graphdef, reward: rm.RewardFunction, cfg, eos_id: int):
-  """Jitted `(ac_params, ref_params, rm_params, batch, beta) -> experience dict`."""
+def make_experience_fn(ac_graphdef, ref_graphdef, reward: rm.RewardFunction | None, cfg,
+                       eos_id: int):
+  """Jitted `(ac_params, ref_params, rm_params, batch, beta) -> (experience, metrics)`.
+
+  Scores come from the reward model, or, with `reward=None`, from `batch["scores"]` (a
+  programmatic reward computed on the host, e.g. a bundled task's gold reward).
+  """
   p = cfg.ppo
   temperature = cfg.sampling.temperature
 
@@ -58,13 +77,17 @@ def make_experience_fn(ac_graphdef, ref_graphdef, reward: rm.RewardFunction, cfg
     ref = nnx.merge(ref_graphdef, ref_params)
     seq, seq_mask, resp, mask = batch["seq"], batch["seq_mask"], batch["response"], batch["mask"]
     n = resp.shape[1]
-    logits = _response_logits(ac.policy(seq, seq_mask)[0], n)
+    all_logits, all_values = ac(seq, seq_mask)
+    logits = _response_logits(all_logits, n)
     logp = ppo_core.token_logprobs(logits, resp, temperature) * mask
     entropy = ppo_core.token_entropy(logits, temperature)
     ref_logp = ppo_core.token_logprobs(_response_logits(ref(seq, seq_mask)[0], n), resp,
                                        temperature) * mask
-    values = _response_logits(ac.critic(seq, seq_mask)[..., None], n)[..., 0] * mask
-    scores = reward.score(rm_params, seq, seq_mask)
+    values = _response_logits(all_values[..., None], n)[..., 0] * mask
+    if reward is None:
+      scores = batch["scores"]
+    else:
+      scores = reward.score(rm_params, seq, seq_mask)
     has_eos = ((resp == eos_id) & (mask > 0)).any(axis=1)
     if p.missing_eos_penalty:
       scores = jnp.where(has_eos, scores, scores - p.missing_eos_penalty)
@@ -98,9 +121,10 @@ def ppo_loss(model: ActorCritic, batch, *, clip: float, value_clip: float, vf_co
              entropy_coef: float, temperature: float):
   n = batch["response"].shape[1]
   mask = batch["mask"]
-  logits = _response_logits(model.policy(batch["seq"], batch["seq_mask"])[0], n)
+  all_logits, all_values = model(batch["seq"], batch["seq_mask"])
+  logits = _response_logits(all_logits, n)
   logp = ppo_core.token_logprobs(logits, batch["response"], temperature) * mask
-  values = _response_logits(model.critic(batch["seq"], batch["seq_mask"])[..., None], n)[..., 0]
+  values = _response_logits(all_values[..., None], n)[..., 0]
   pg_loss, pg_metrics = ppo_core.policy_loss(logp, batch["old_logp"], batch["advantages"], mask,
                                              clip)
   vf_loss, vf_metrics = ppo_core.value_loss(values, batch["old_values"], batch["returns"], mask,
@@ -116,7 +140,7 @@ class Setup:
   """Everything an iteration needs, built once."""
   mesh: Any
   policy: sft.Policy  # the SFT policy: reference and starting point
-  reward: rm.RewardFunction
+  reward: rm.RewardFunction | None  # None: scores from the task's gold reward
   rm_metrics: dict
   ac_graphdef: Any
   state: Any
@@ -126,29 +150,45 @@ class Setup:
 
 def _build(config, workdir) -> Setup:
   mesh = sharding.make_mesh(config.mesh)
+  p = config.ppo
+  if p.reward not in ("model", "gold"):
+    raise ValueError(f"ppo.reward is {p.reward!r}; choose 'model' (the trained RM) or 'gold' "
+                     "(the bundled task's gold reward).")
+  if p.critic not in ("reward", "sft", "shared"):
+    raise ValueError(f"ppo.critic is {p.critic!r}; choose 'reward', 'sft' or 'shared'.")
+  if p.reward == "gold" and (config.data.prompts_path or config.rm_checkpoint):
+    raise ValueError("ppo.reward='gold' scores with a bundled task: unset data.prompts_path "
+                     "and rm_checkpoint, or use ppo.reward='model'.")
+  if p.reward == "gold" and p.critic == "reward":
+    raise ValueError("ppo.critic='reward' starts the critic from the reward model, which "
+                     "ppo.reward='gold' does not train; set --config.ppo.critic=sft or shared.")
   policy = sft.ensure_policy(config.rm.sft, workdir, mesh, config.sft_checkpoint)
-  reward, rm_metrics = rm.ensure_reward_model(config.rm, workdir, mesh, config.rm_checkpoint)
-  if reward.tokenizer.vocab_size != policy.tokenizer.vocab_size:
-    raise ValueError("the reward model and the policy use different tokenizers; train the RM "
-                     "from this SFT run (same workdir) or pass matching checkpoints.")
+  reward, rm_metrics = None, {}
+  if p.reward == "model":
+    reward, rm_metrics = rm.ensure_reward_model(config.rm, workdir, mesh, config.rm_checkpoint)
+    if reward.tokenizer.vocab_size != policy.tokenizer.vocab_size:
+      raise ValueError("the reward model and the policy use different tokenizers; train the "
+                       "RM from this SFT run (same workdir) or pass matching checkpoints.")
   # The trained policy starts as a copy of the SFT one (which stays frozen as reference).
   copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
-  policy_params = copy(policy.params)
-  if config.ppo.critic_init == "reward":  # TRL's default: the critic is the RM, re-headed
-    critic_params = {"trunk": nnx.to_pure_dict(copy(reward.params["trunk"])),
-                     "value_head": nnx.to_pure_dict(copy(reward.params["reward_head"]))}
-  elif config.ppo.critic_init == "sft":  # SFT trunk, zero value head
-    critic_params = {"trunk": nnx.to_pure_dict(copy(policy.params["trunk"]))}
-  else:
-    raise ValueError(f"ppo.critic_init is {config.ppo.critic_init!r}; choose 'reward' or 'sft'.")
+  init = {"policy": nnx.to_pure_dict(copy(policy.params))}
+  if p.critic == "reward":  # TRL's default: the critic is the RM, re-headed
+    init["critic"] = {"trunk": nnx.to_pure_dict(copy(reward.params["trunk"])),
+                      "value_head": nnx.to_pure_dict(copy(reward.params["reward_head"]))}
+  elif p.critic == "sft":  # SFT trunk, zero value head
+    init["critic"] = {"trunk": nnx.to_pure_dict(copy(policy.params["trunk"]))}
+  # "shared": a zero value head on the policy trunk, nothing to copy.
 
   def create():
     rngs = nnx.Rngs(params=config.seed)
-    return ActorCritic(PolicyModel(policy.model_config, rngs), ValueModel(reward.model_config, rngs))
+    cfg = policy.model_config
+    if p.critic == "shared":
+      return ActorCritic(PolicyModel(cfg, rngs), value_head=ScalarHead(cfg, 0.0, rngs))
+    critic_cfg = reward.model_config if p.critic == "reward" else cfg
+    return ActorCritic(PolicyModel(cfg, rngs), critic=ValueModel(critic_cfg, rngs))
 
   ac_graphdef, ac_params = sharding.init_sharded(create, mesh)
-  nnx.replace_by_pure_dict(ac_params, {"policy": nnx.to_pure_dict(policy_params),
-                                       "critic": critic_params})
+  nnx.replace_by_pure_dict(ac_params, init)
   tx = optim.make_optimizer(config.optim)
   state, shardings = state_lib.create_train_state(ac_params, tx, mesh)
   return Setup(mesh, policy, reward, rm_metrics, ac_graphdef, state, shardings, tx)
@@ -195,7 +235,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
               "returns")
   batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in exp_keys}
   train_step = state_lib.make_train_step(s.ac_graphdef, loss_fn, s.tx, mesh, s.shardings,
-                                         batch_sh)
+                                         batch_sh, config.optim.grad_accum_steps)
 
   out_dir = sft.stage_dir(workdir, "ppo")
   writer = loop.MetricsWriter(workdir, "ppo")
@@ -220,21 +260,27 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
     with sharding.use_mesh(mesh):
       b = sharding.shard_batch({"tokens": host["tokens"], "mask": host["mask"]}, mesh)
       out = sampler(state.params["policy"], b["tokens"], b["mask"], rng)
-      jax.block_until_ready(out)
+      resp_tokens, resp_mask = jax.device_get((out["tokens"], out["mask"]))
       t_rollout = time.perf_counter() - t0
+      texts = [tok.decode(t[m.astype(bool)]) for t, m in zip(resp_tokens, resp_mask)]
+      prompts = [train_prompts[i] for i in host["index"]]
+      gold = None
+      if task is not None:
+        gold = np.array([task.gold_reward(q, a) for q, a in zip(prompts, texts)], np.float32)
       batch = {"seq": jnp.concatenate([b["tokens"], out["tokens"]], axis=1),
                "seq_mask": jnp.concatenate([b["mask"], out["mask"]], axis=1),
                "response": out["tokens"], "mask": out["mask"]}
-      exp, metrics = experience_fn(state.params, s.policy.params, s.reward.params, batch,
+      if s.reward is None:
+        batch["scores"] = sharding.shard_batch({"scores": gold}, mesh)["scores"]
+      exp, metrics = experience_fn(state.params, s.policy.params,
+                                   None if s.reward is None else s.reward.params, batch,
                                    jnp.float32(beta))
     exp = jax.device_get(exp)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     metrics["policy/sample_logprob_gap"] = float(np.abs(
         jax.device_get(out["logprobs"]) - exp["old_logp"]).max())
-    texts = [tok.decode(t[m.astype(bool)]) for t, m in zip(exp["response"], exp["mask"])]
-    prompts = [train_prompts[i] for i in host["index"]]
-    if task is not None:
-      metrics["gold/reward"] = float(np.mean([task.gold_reward(q, a) for q, a in zip(prompts, texts)]))
+    if gold is not None:
+      metrics["gold/reward"] = float(gold.mean())
 
     update_rows, stopped_early = [], False
     mb = d.batch_size // p.num_minibatches
@@ -304,9 +350,10 @@ def _summary(config, s: Setup, state, eval_prompts, task) -> dict[str, float]:
     texts = preferences.sample_completions(pol, eval_prompts, s.mesh, d.max_prompt_len,
                                            d.max_completion_len, config.sampling,
                                            d.batch_size, config.seed + 7)
-    raw = rm.score_texts(s.reward.graphdef, s.reward.params, s.policy.tokenizer, eval_prompts,
-                         texts, d.max_prompt_len, d.max_completion_len, d.batch_size, s.mesh)
-    out[f"final/{name}_rm_score"] = float(np.mean(s.reward.gain * raw + s.reward.bias))
+    if s.reward is not None:
+      raw = rm.score_texts(s.reward.graphdef, s.reward.params, s.policy.tokenizer, eval_prompts,
+                           texts, d.max_prompt_len, d.max_completion_len, d.batch_size, s.mesh)
+      out[f"final/{name}_rm_score"] = float(np.mean(s.reward.gain * raw + s.reward.bias))
     if task is not None:
       out[f"final/{name}_gold_reward"] = float(np.mean(
           [task.gold_reward(q, a) for q, a in zip(eval_prompts, texts)]))

@@ -138,7 +138,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
   state, shardings = state_lib.create_train_state(params, tx, mesh)
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in arrays["train"].items()}
   loss_fn = functools.partial(rm_loss, centering_coef=config.loss.centering_coef)
-  step = state_lib.make_train_step(graphdef, loss_fn, tx, mesh, shardings, batch_sh)
+  step = state_lib.make_train_step(graphdef, loss_fn, tx, mesh, shardings, batch_sh,
+                                   config.optim.grad_accum_steps)
   gold = None
   if task is not None:
     gold = [(task.gold_reward(r["prompt"], r["chosen"]), task.gold_reward(r["prompt"], r["rejected"]))

@@ -129,7 +129,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
   tx = optim.make_optimizer(config.optim)
   state, shardings = state_lib.create_train_state(params, tx, mesh)
   batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in arrays["train"]}
-  step = state_lib.make_train_step(graphdef, sft_loss, tx, mesh, shardings, batch_sh)
+  step = state_lib.make_train_step(graphdef, sft_loss, tx, mesh, shardings, batch_sh,
+                                   config.optim.grad_accum_steps)
   evaluate = make_evaluator(graphdef, config, data, arrays["eval"], tok, mesh)
 
   out_dir = stage_dir(workdir, "sft")

@@ -32,15 +32,18 @@ class PolicyModel(nnx.Module):
   def __call__(self, tokens_BxT, mask_BxT, cache: KVCache | None = None):
     """(logits_BxTxV in float32, updated cache or None)."""
     h_BxTxD, cache = self.trunk(tokens_BxT, mask_BxT, cache)
+    return self.logits(h_BxTxD), cache
+
+  def logits(self, h_BxTxD: jax.Array) -> jax.Array:
+    """The LM head on trunk hidden states (a value head can share the same trunk pass)."""
     dt = self.cfg.jnp_dtype
     if self.cfg.tie_embeddings:
       w_DxV = self.trunk.embed_VxD[...].T
     else:
       w_DxV = self.lm_head_DxV[...]
     # float32 logits: log-probs and KL in RL are differences of large numbers.
-    logits_BxTxV = jnp.einsum("BTD,DV->BTV", h_BxTxD.astype(dt), w_DxV.astype(dt),
-                              preferred_element_type=jnp.float32)
-    return logits_BxTxV, cache
+    return jnp.einsum("BTD,DV->BTV", h_BxTxD.astype(dt), w_DxV.astype(dt),
+                      preferred_element_type=jnp.float32)
 
 
 class ScalarHead(nnx.Module):

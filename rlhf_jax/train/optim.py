@@ -9,7 +9,7 @@ import optax
 from rlhf_jax.keys import check_known_keys
 
 _KEYS = {"learning_rate", "warmup_steps", "decay_steps", "end_lr_ratio", "weight_decay", "b1",
-         "b2", "eps", "grad_clip", "schedule"}
+         "b2", "eps", "grad_clip", "schedule", "grad_accum_steps"}
 
 
 def make_schedule(cfg: Mapping[str, Any]):

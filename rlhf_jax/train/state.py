@@ -48,16 +48,58 @@ def create_train_state(params, tx: optax.GradientTransformation, mesh: Mesh | No
   return init(params), shardings
 
 
+def _micro_batches(batch, k: int):
+  """[B, ...] -> [k, B/k, ...] with micro-batch j = rows j, j+k, j+2k, ...
+
+  Strided rather than contiguous so that each device's rows of a batch sharded over its
+  first axis split into k local micro-batches: no data moves between devices.
+  """
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} rows does not divide into optim.grad_accum_steps="
+                       f"{k} micro-batches; choose a divisor of the (mini)batch size.")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
 def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
                     mesh: Mesh | None = None, shardings: TrainState | None = None,
-                    batch_shardings=None):
-  """Jitted `step(state, batch) -> (state, metrics)`; metrics include `loss` and `grad_norm`."""
+                    batch_shardings=None, grad_accum_steps: int = 1):
+  """Jitted `step(state, batch) -> (state, metrics)`; metrics include `loss` and `grad_norm`.
+
+  `grad_accum_steps` = k > 1 splits the batch into k micro-batches, runs forward/backward on
+  one at a time inside the same program (`lax.scan`, so activations of one micro-batch are
+  live at once) and applies one optimizer update with the mean gradient. Losses and metrics
+  are means over micro-batches: for token-averaged losses that is the mean of per-micro-batch
+  means (as in TRL/accelerate), not the token mean of the whole batch.
+  """
+  if grad_accum_steps < 1:
+    raise ValueError(f"optim.grad_accum_steps must be >= 1, got {grad_accum_steps}.")
+
+  def grads_and_metrics(params, batch):
+    def objective(p):
+      return loss_fn(nnx.merge(graphdef, p), batch)
+
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return grads, dict(metrics, loss=loss)
+
+  def accumulated(params, batch):
+    def body(acc, micro):
+      grads, metrics = grads_and_metrics(params, micro)
+      return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+    micro = _micro_batches(batch, grad_accum_steps)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        grads_and_metrics, params, jax.tree.map(lambda x: x[0], micro)))
+    total, _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree.map(lambda x: x / grad_accum_steps, total)
 
   def step(state: TrainState, batch):
-    def objective(params):
-      return loss_fn(nnx.merge(graphdef, params), batch)
-
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    if grad_accum_steps == 1:
+      grads, metrics = grads_and_metrics(state.params, batch)
+    else:
+      grads, metrics = accumulated(state.params, batch)
+    loss = metrics.pop("loss")
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
