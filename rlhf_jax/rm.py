@@ -104,11 +104,35 @@ def _preference_records(config, workdir, task, policy, mesh):
   os.makedirs(os.path.join(workdir, "rm"), exist_ok=True)
   for split, n in (("train", d.num_train_prompts), ("eval", d.num_eval_prompts)):
     path = os.path.join(workdir, "rm", f"preferences_{split}.jsonl")
-    if not os.path.exists(path):  # generation is deterministic; a rerun reuses the file
+    # Generation is deterministic, so a rerun reuses the file, but only if it was made with
+    # the same settings: stale pairs from other settings would silently train the wrong RM.
+    settings = _generation_settings(config, split, n)
+    settings_path = path[:-len(".jsonl")] + ".settings.json"
+    if os.path.exists(path) and os.path.exists(settings_path):
+      with open(settings_path) as f:
+        old = json.load(f)
+      changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+      if changed:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise ValueError(f"{path} was generated with other settings ({diff}); use a fresh "
+                         f"--workdir, or delete {path} and {settings_path} to regenerate.")
+    if not os.path.exists(path):
       preferences.generate(task, policy, mesh, config, split, n, path)
+      write_json(settings_path, settings)
     out[split] = path
   return (sources.read_jsonl(out["train"], "preference"),
           sources.read_jsonl(out["eval"], "preference"), out)
+
+
+def _generation_settings(config, split: str, num_prompts: int) -> dict[str, Any]:
+  """Everything that determines a generated preference file (the SFT policy aside)."""
+  d = config.data
+  keys = ("task", "samples_per_prompt", "generation_batch_size", "annotator_temperature",
+          "annotator_seed", "drop_ties",
+          "max_prompt_len", "max_completion_len")
+  return {"split": split, "num_prompts": num_prompts, "seed": config.seed,
+          **{k: d[k] for k in keys},
+          **{f"sampling.{k}": v for k, v in config.sampling.to_dict().items()}}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:

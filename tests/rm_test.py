@@ -332,6 +332,14 @@ class RmStageTest(absltest.TestCase):
       self.assertAlmostEqual(second[key], first[key], places=5, msg=key)
     self.assertNotIn("loss", second)  # nothing was trained
 
+  def test_changed_generation_settings_are_an_error(self):
+    cfg = self._config()
+    cfg.data.annotator_temperature = 0.5
+    mtime = os.stat(self.prefs_path).st_mtime_ns
+    with self.assertRaisesRegex(ValueError, r"annotator_temperature: 0.1 -> 0.5.*fresh --workdir"):
+      rm.run(cfg, self.workdir)
+    self.assertEqual(os.stat(self.prefs_path).st_mtime_ns, mtime)  # the old pairs are kept
+
 
 if __name__ == "__main__":
   absltest.main()
