@@ -13,7 +13,7 @@ from rlhf_jax.models.config import TransformerConfig
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
-  cfg = TransformerConfig().to_dict()
+  cfg = TransformerConfig().to_dict()  # includes the `moe` sub-dict (num_experts=0: dense)
   cfg.pop("vocab_size")  # Set by the tokenizer.
   cfg.update(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=344)
   cfg.update(overrides)
@@ -78,8 +78,10 @@ def sft_config(preset: str = "") -> ml_collections.ConfigDict:
                   max_completion_len=16)
     c.optim.update(learning_rate=3e-3, warmup_steps=2, decay_steps=30)
     c.train.update(num_steps=30, log_every=10, eval_every=30, checkpoint_every=10)
+  elif preset == "moe":  # The default run with a sparse MoE FFN in every other layer.
+    c.model.moe.update(num_experts=4, top_k=2, moe_every=2)
   elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/sft.py; presets: '', 'test'.")
+    raise ValueError(f"unknown preset {preset!r} for configs/sft.py; presets: '', 'test', 'moe'.")
   c.lock()
   return c
 
@@ -121,8 +123,10 @@ def rm_config(preset: str = "") -> ml_collections.ConfigDict:
     c.normalize.num_samples = 64
     c.optim.update(learning_rate=1e-3, warmup_steps=2, decay_steps=40)
     c.train.update(num_steps=40, log_every=10, eval_every=20, checkpoint_every=20)
+  elif preset == "moe":
+    pass  # The RM reuses the network of `sft`, which this preset made MoE.
   elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/rm.py; presets: '', 'test'.")
+    raise ValueError(f"unknown preset {preset!r} for configs/rm.py; presets: '', 'test', 'moe'.")
   c.lock()
   return c
 
@@ -170,7 +174,11 @@ def ppo_config(preset: str = "") -> ml_collections.ConfigDict:
     c.ppo.update(num_iterations=6, ppo_epochs=2, num_minibatches=2)
     c.optim.learning_rate = 1e-4
     c.train.update(checkpoint_every=3, sample_every=3)
+  elif preset == "moe":
+    # Dropless routing for the whole pipeline: the sampler's one-token decode steps must give
+    # the log-probs of the full forward, which capacity-based dropping cannot promise.
+    c.rm.sft.model.moe.dropless = True
   elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/ppo.py; presets: '', 'test'.")
+    raise ValueError(f"unknown preset {preset!r} for configs/ppo.py; presets: '', 'test', 'moe'.")
   c.lock()
   return c

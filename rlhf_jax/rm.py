@@ -2,7 +2,8 @@
 
     loss = -mean log sigmoid(r_chosen - r_rejected - margin) + c * mean((r_chosen + r_rejected)^2)
 
-The score r is the reward head read at the last non-pad token of prompt + response.
+The score r is the reward head read at the last non-pad token of prompt + response; an MoE
+trunk adds its auxiliary losses (`models/moe.py`) to the loss.
 After training, a gain and bias are fitted so that scores of SFT-policy samples have mean 0
 and std 1 (as in lm-human-preferences); they are stored in `<workdir>/rm/normalization.json`
 and applied by `load_reward_model(...).score` whenever the RM scores text for PPO.
@@ -26,7 +27,7 @@ from flax import nnx
 from rlhf_jax import preferences, sharding, sft
 from rlhf_jax.fileio import write_json
 from rlhf_jax.data import batching, records as records_lib, sources, tasks, tokenizer as tokenizer_lib
-from rlhf_jax.models import RewardModel, TransformerConfig
+from rlhf_jax.models import RewardModel, TransformerConfig, moe
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib
 
 
@@ -45,8 +46,17 @@ def rm_loss(model: RewardModel, batch, centering_coef: float = 0.0):
   if centering_coef:
     loss += centering_coef * jnp.mean((r_c + r_r) ** 2)
   rewards = jnp.concatenate([r_c, r_r])
-  return loss, {"accuracy": jnp.mean(diff > 0), "margin": jnp.mean(diff),
-                "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards)}
+  aux, aux_metrics = moe.aux_loss(model)  # MoE trunk: load balancing + router z-loss
+  return loss + aux, {"accuracy": jnp.mean(diff > 0), "margin": jnp.mean(diff),
+                      "reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards),
+                      **aux_metrics}
+
+
+def _eval_model(graphdef, params) -> RewardModel:
+  """The RM for scoring: MoE layers in eval mode (eval capacity factor, no router jitter)."""
+  model = nnx.merge(graphdef, params)
+  model.eval()
+  return model
 
 
 @dataclasses.dataclass
@@ -60,7 +70,7 @@ class RewardFunction:
   tokenizer: tokenizer_lib.Tokenizer
 
   def score(self, params, tokens_BxT, mask_BxT):
-    return self.gain * nnx.merge(self.graphdef, params)(tokens_BxT, mask_BxT) + self.bias
+    return self.gain * _eval_model(self.graphdef, params)(tokens_BxT, mask_BxT) + self.bias
 
 
 def load_reward_model(rm_dir: str, mesh) -> RewardFunction:
@@ -232,7 +242,7 @@ def score_texts(graphdef, params, tok, prompts, completions, max_prompt_len: int
   bs = batch_size
   recs = recs + [recs[-1]] * (-len(recs) % bs)
   arr = batching.sft_arrays(recs, tok, max_prompt_len, max_completion_len)
-  fwd = jax.jit(lambda p, t, m: nnx.merge(graphdef, p)(t, m))
+  fwd = jax.jit(lambda p, t, m: _eval_model(graphdef, p)(t, m))
   out = []
   with sharding.use_mesh(mesh):
     for i in range(0, len(recs), bs):
@@ -243,7 +253,7 @@ def score_texts(graphdef, params, tok, prompts, completions, max_prompt_len: int
 
 def _make_evaluator(graphdef, eval_arrays, gold, bs, mesh):
   """Held-out accuracy against the labels and, on bundled tasks, against the gold order."""
-  scores = jax.jit(lambda p, b: pair_scores(nnx.merge(graphdef, p), b))
+  scores = jax.jit(lambda p, b: pair_scores(_eval_model(graphdef, p), b))
   n = len(eval_arrays["margin"])
   if n == 0:
     raise ValueError("no held-out preference pairs left after dropping bad pairs.")

@@ -58,6 +58,7 @@ def make_sampler(graphdef, sampling: SamplingConfig, eos_id: int, pad_id: int):
 
   def sample(params, prompt_BxP, prompt_mask_BxP, rng):
     model = nnx.merge(graphdef, params)
+    model.eval()  # MoE layers: eval capacity factor, no router jitter (no-op when dense)
     b, p = prompt_BxP.shape
     cache = init_cache(model.cfg, b, p + s.max_new_tokens)
     logits_BxPxV, cache = model(prompt_BxP, prompt_mask_BxP, cache)

@@ -3,9 +3,10 @@
     loss = sum_t w[t+1] * CE(logits[t], tokens[t+1]) / sum_t w[t+1]
 
 with w the completion tokens (incl. EOS) by default, or every real token
-(`data.loss_on="all"`). `run` is the stage's glue: tokenizer, data, a policy initialised
-sharded on the mesh, the shared jitted step, checkpoints with exact resume, eval loss and
-perplexity, and sample continuations (with their gold reward on bundled tasks).
+(`data.loss_on="all"`); an MoE policy adds its auxiliary losses (`models/moe.py`). `run` is
+the stage's glue: tokenizer, data, a policy initialised sharded on the mesh, the shared
+jitted step, checkpoints with exact resume, eval loss and perplexity, and sample
+continuations (with their gold reward on bundled tasks).
 """
 
 from __future__ import annotations
@@ -27,13 +28,25 @@ from flax import nnx
 from rlhf_jax import sharding
 from rlhf_jax.fileio import write_json
 from rlhf_jax.data import batching, records as records_lib, tokenizer as tokenizer_lib
-from rlhf_jax.models import PolicyModel, TransformerConfig
+from rlhf_jax.models import PolicyModel, TransformerConfig, moe
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib
 
 
 def sft_loss(model: PolicyModel, batch: dict[str, jax.Array]):
-  """(mean CE over weighted target tokens, metrics). Pure; used under jit and grad."""
+  """(token CE + MoE auxiliary losses, metrics). Pure; used under jit and grad.
+
+  A dense model has no auxiliary loss (0) and no `moe/` or `ce_loss` metrics.
+  """
+  loss, metrics = token_ce(model, batch)
+  aux, aux_metrics = moe.aux_loss(model)
+  if aux_metrics:
+    metrics = dict(metrics, ce_loss=loss, **aux_metrics)
+  return loss + aux, metrics
+
+
+def token_ce(model: PolicyModel, batch: dict[str, jax.Array]):
+  """(mean CE over weighted target tokens, metrics)."""
   logits_BxTxV, _ = model(batch["tokens"], batch["mask"])
   targets_BxT1 = batch["tokens"][:, 1:]
   weights_BxT1 = batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -160,7 +173,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
 def make_evaluator(graphdef, config, data, eval_arrays, tok, mesh):
   """Eval loss/perplexity over the held-out set, plus sampled continuations."""
   bs = config.data.batch_size
-  eval_loss = jax.jit(lambda p, b: sft_loss(nnx.merge(graphdef, p), b))
+
+  @jax.jit
+  def eval_loss(params, b):
+    model = nnx.merge(graphdef, params)
+    model.eval()  # MoE layers: eval capacity factor, no router jitter
+    return token_ce(model, b)
+
   s = config.sampling
   sampler = make_sampler(graphdef, SamplingConfig(
       max_new_tokens=config.data.max_completion_len, temperature=s.temperature, top_k=s.top_k,

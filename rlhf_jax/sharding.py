@@ -23,16 +23,19 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
 # The vocabulary follows MaxText. Weights are sharded over `fsdp` along `embed` (ZeRO-3
-# style: gathered per layer in the forward pass) and over `tensor` along the Megatron
-# split dims (heads, mlp, vocab). Activations are split over the batch only.
+# style: gathered per layer in the forward pass), over `tensor` along the Megatron split
+# dims (heads, mlp, vocab) and over `expert` along the expert dim of MoE weights.
+# Activations are split over the batch, `expert` included (expert-as-data: outside the
+# expert FFNs those devices are data parallel); MoE expert buffers are split over `expert`.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp", "expert")),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
+    ("activation_exp", "expert"),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
@@ -44,7 +47,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("scalar", None),  # output dim of value / reward heads
 )
 
-BATCH_AXES = ("data", "fsdp")  # Mesh axes that split the global batch.
+BATCH_AXES = ("data", "fsdp", "expert")  # Mesh axes that split the global batch.
 
 _ACTIVE_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
     "rlhf_jax_axis_rules", default=None)
@@ -163,7 +166,7 @@ def init_sharded(create_model: Callable[[], nnx.Module], mesh: Mesh, rules=LOGIC
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """Leading (batch) dim split over `data` x `fsdp`, the rest replicated."""
+  """Leading (batch) dim split over `data` x `fsdp` x `expert`, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
@@ -181,7 +184,7 @@ def shard_batch(batch, mesh: Mesh):
     if x.ndim == 0 or global_rows % n:
       raise ValueError(f"batch field {_path_str(path)!r} has global shape "
                        f"{(global_rows,) + x.shape[1:]}; its leading dim must divide "
-                       f"data x fsdp = {n}. Change the batch size or the mesh.")
+                       f"{' x '.join(BATCH_AXES)} = {n}. Change the batch size or the mesh.")
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
   return jax.tree_util.tree_map_with_path(put, batch)
@@ -207,6 +210,9 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   spec = []
   for size, axes in zip(x.shape, logical_to_spec(logical_axes, rules)):
     names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    # A dim too small to split (e.g. batch 1 while decoding) stays replicated.
-    spec.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    # A dim too small for all its mesh axes (e.g. batch 1 while decoding) is split over the
+    # longest prefix of them that divides it, or replicated.
+    while names and size % math.prod(mesh.shape[a] for a in names):
+      names = names[:-1]
+    spec.append(names[0] if len(names) == 1 else (names or None))
   return jax.lax.with_sharding_constraint(x, P(*spec))

@@ -62,7 +62,12 @@ class MeshTest(parameterized.TestCase):
 
   def test_rules(self):
     self.assertEqual(sharding.logical_to_spec(("embed", "mlp")), P("fsdp", "tensor"))
-    self.assertEqual(sharding.logical_to_spec(("activation_batch", None)), P(("data", "fsdp"), None))
+    # Expert-as-data: outside the expert FFNs the `expert` devices split the batch too.
+    self.assertEqual(sharding.logical_to_spec(("activation_batch", None)),
+                     P(("data", "fsdp", "expert"), None))
+    # A mesh axis is used once per array: the expert dim of MoE buffers claims `expert` first.
+    self.assertEqual(sharding.logical_to_spec(("activation_exp", "activation_batch")),
+                     P("expert", ("data", "fsdp")))
     self.assertEqual(sharding.logical_to_spec(("norm",)), P(None))
     with self.assertRaisesRegex(KeyError, "no sharding rule"):
       sharding.logical_to_spec(("nonsense",))
@@ -76,7 +81,7 @@ class MeshTest(parameterized.TestCase):
 
   def test_indivisible_batch(self):
     mesh = sharding.make_mesh(dict(data=8))
-    with self.assertRaisesRegex(ValueError, "'tokens'.*must divide data x fsdp = 8"):
+    with self.assertRaisesRegex(ValueError, "'tokens'.*must divide data x fsdp x expert = 8"):
       sharding.shard_batch({"tokens": np.zeros((4, 3))}, mesh)
 
 

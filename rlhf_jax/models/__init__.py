@@ -1,8 +1,10 @@
-"""LLaMA-style networks: trunk (transformer.py), heads (heads.py), imports (hf_import.py)."""
+"""LLaMA-style networks: trunk (transformer.py), sparse MoE FFN (moe.py), heads (heads.py),
+imports (hf_import.py)."""
 
-from rlhf_jax.models.config import TransformerConfig
+from rlhf_jax.models.config import MoEConfig, TransformerConfig
 from rlhf_jax.models.heads import PolicyModel, RewardModel, ValueModel, build
 from rlhf_jax.models.transformer import KVCache, Transformer, init_cache, last_token_index, positions_from_mask
 
-__all__ = ["KVCache", "PolicyModel", "RewardModel", "Transformer", "TransformerConfig",
-           "ValueModel", "build", "init_cache", "last_token_index", "positions_from_mask"]
+__all__ = ["KVCache", "MoEConfig", "PolicyModel", "RewardModel", "Transformer",
+           "TransformerConfig", "ValueModel", "build", "init_cache", "last_token_index",
+           "positions_from_mask"]

@@ -1,6 +1,7 @@
 """Model hyper-parameters: one frozen dataclass, built from an ml_collections config.
 
 Every network (policy, value, reward) is the same trunk, so one config describes them all.
+The optional sparse Mixture-of-Experts FFN is a nested `MoEConfig` (`moe`), off by default.
 `from_config` rejects unknown keys and inconsistent sizes with the key name in the message,
 so a typo in `--config.model.num_kv_head=2` fails at start-up, not as a shape error in jit.
 """
@@ -15,6 +16,52 @@ import jax.numpy as jnp
 from rlhf_jax.keys import check_known_keys
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Sparse Mixture-of-Experts FFN (see `moe.py`); `num_experts=0` keeps every FFN dense."""
+
+  num_experts: int = 0
+  top_k: int = 2  # 1: Switch; 2: GShard / ST-MoE (the two gates renormalised to sum to 1).
+  moe_every: int = 2  # Layers i with (i + 1) % moe_every == 0 are MoE: 2 = every other layer.
+  expert_mlp_dim: int = 0  # Hidden size of each expert; 0: the dense `mlp_dim`.
+  # Expert capacity max(min_capacity, round(factor * tokens_per_group * top_k / num_experts))
+  # with one sequence per group; the factor is the train one unless the model is in eval
+  # mode (`model.eval()`). Ignored by the dropless path.
+  train_capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_capacity: int = 4
+  # Sort tokens by expert and run `lax.ragged_dot`: no capacity, nothing dropped, and a
+  # token's output does not depend on which tokens it is routed with. Needed by RL, where
+  # one-token decode steps and full forwards must give the same log-probs.
+  dropless: bool = False
+  router_jitter: float = 0.0  # Multiplicative noise on the router input in train mode (> 0).
+  load_balance_coef: float = 1e-2  # num_experts * sum_i f_i * P_i
+  z_loss_coef: float = 1e-3  # mean(logsumexp(router_logits)^2)
+
+  def __post_init__(self):
+    def need(ok: bool, msg: str):
+      if not ok:
+        raise ValueError(f"model.moe config: {msg}")
+
+    need(self.num_experts >= 0, f"`num_experts` must be >= 0 (0: dense), got {self.num_experts}.")
+    if self.num_experts:
+      need(self.top_k in (1, 2), f"`top_k` must be 1 or 2, got {self.top_k}.")
+      need(self.top_k <= self.num_experts,
+           f"`top_k` ({self.top_k}) exceeds `num_experts` ({self.num_experts}).")
+    need(self.moe_every >= 1, f"`moe_every` must be >= 1, got {self.moe_every}.")
+    need(self.expert_mlp_dim >= 0, f"`expert_mlp_dim` must be >= 0, got {self.expert_mlp_dim}.")
+    for name in ("train_capacity_factor", "eval_capacity_factor"):
+      need(getattr(self, name) > 0, f"`{name}` must be positive, got {getattr(self, name)}.")
+    need(self.min_capacity >= 1, f"`min_capacity` must be >= 1, got {self.min_capacity}.")
+    need(0.0 <= self.router_jitter < 1.0,
+         f"`router_jitter` must be in [0, 1), got {self.router_jitter}.")
+    for name in ("load_balance_coef", "z_loss_coef"):
+      need(getattr(self, name) >= 0, f"`{name}` must be >= 0, got {getattr(self, name)}.")
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.num_experts > 0 and (layer + 1) % self.moe_every == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +81,7 @@ class TransformerConfig:
   init_std: float = 0.02  # Normal init of every matrix (HF `initializer_range`).
   param_dtype: str = "float32"  # Storage dtype of parameters (and optimizer state).
   dtype: str = "float32"  # Compute dtype of matmuls; norms, softmax and RoPE stay float32.
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)  # dense by default
 
   def __post_init__(self):
     def need(ok: bool, msg: str):
@@ -54,6 +102,8 @@ class TransformerConfig:
     for name in ("param_dtype", "dtype"):
       need(getattr(self, name) in _DTYPES,
            f"`{name}` is {getattr(self, name)!r}; choose one of {sorted(_DTYPES)}.")
+    need(isinstance(self.moe, MoEConfig),
+         f"`moe` must be a MoEConfig (from_config builds it from a dict), got {self.moe!r}.")
 
   @property
   def resolved_head_dim(self) -> int:
@@ -72,6 +122,11 @@ class TransformerConfig:
     """From a ConfigDict / dict; unknown keys are an error naming the key."""
     cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     check_known_keys("model", cfg, (f.name for f in dataclasses.fields(cls)))
+    moe = cfg.get("moe")
+    if moe is not None and not isinstance(moe, MoEConfig):
+      moe = dict(moe.to_dict() if hasattr(moe, "to_dict") else moe)
+      check_known_keys("model.moe", moe, (f.name for f in dataclasses.fields(MoEConfig)))
+      cfg["moe"] = MoEConfig(**moe)
     return cls(**cfg)
 
   def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
     tokens -> embed -> num_layers x [x + attn(norm(x)); x + swiglu(norm(x))] -> norm -> h
 
+(with `model.moe.num_experts > 0`, every `moe_every`-th SwiGLU is a sparse MoE, see moe.py)
+
 Padding is described by `mask_BxT` (1 = real token, 0 = pad). Position ids come from the
 mask, so a left-padded prompt gives every real token the same position, hence the same
 output, as the unpadded prompt. The optional `KVCache` makes the same code path serve a
@@ -19,6 +21,7 @@ from flax import nnx
 from rlhf_jax import sharding
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.layers import Attention, RMSNorm, SwiGLU, param
+from rlhf_jax.models.moe import MoE
 
 
 class KVCache(NamedTuple):
@@ -60,17 +63,24 @@ def last_token_index(mask_BxT: jax.Array) -> jax.Array:
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, layer: int = 0):
     self.attn_norm = RMSNorm(cfg)
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg)
-    self.mlp = SwiGLU(cfg, rngs)
+    self.mlp = MoE(cfg, rngs, layer) if cfg.moe.is_moe_layer(layer) else SwiGLU(cfg, rngs)
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None,
+               token_mask_BxT=None):
     attn_BxTxD, kv = self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS,
                                kv_cache, cache_index)
     x_BxTxD = x_BxTxD + attn_BxTxD
-    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    h_BxTxD = self.mlp_norm(x_BxTxD)
+    if isinstance(self.mlp, MoE):
+      # Pads take no expert capacity. Generation (a KV cache) records no aux losses: nothing
+      # trains on them, and the decode loop's `lax.scan` may not mutate the module.
+      x_BxTxD = x_BxTxD + self.mlp(h_BxTxD, token_mask_BxT, record=kv_cache is None)
+    else:
+      x_BxTxD = x_BxTxD + self.mlp(h_BxTxD)
     return sharding.constrain(
         x_BxTxD, ("activation_batch", "activation_length", "activation_embed")), kv
 
@@ -82,7 +92,7 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.embed_VxD = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                            cfg.init_std, cfg.jnp_param_dtype)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.blocks = nnx.List([Block(cfg, rngs, i) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg)
 
   def __call__(self, tokens_BxT: jax.Array, mask_BxT: jax.Array,
@@ -116,7 +126,7 @@ class Transformer(nnx.Module):
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x_BxTxD, (k, v) = block(x_BxTxD, positions_BxT, attn_mask_BxTxS, kv, index)
+      x_BxTxD, (k, v) = block(x_BxTxD, positions_BxT, attn_mask_BxTxS, kv, index, mask_BxT)
       new_k.append(k)
       new_v.append(v)
     h_BxTxD = self.final_norm(x_BxTxD)
