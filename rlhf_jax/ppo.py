@@ -30,7 +30,7 @@ from flax import nnx
 from rlhf_jax import ppo_core, preferences, rm, sharding, sft
 from rlhf_jax.data import batching, sources, tasks
 from rlhf_jax.fileio import write_json
-from rlhf_jax.models import PolicyModel, ValueModel
+from rlhf_jax.models import PolicyModel, ValueModel, moe
 from rlhf_jax.models.heads import ScalarHead
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib
@@ -131,8 +131,11 @@ def ppo_loss(model: ActorCritic, batch, *, clip: float, value_clip: float, vf_co
                                             value_clip)
   entropy = ppo_core.masked_mean(ppo_core.token_entropy(logits, temperature), mask)
   loss = pg_loss + vf_coef * vf_loss - entropy_coef * entropy
-  return loss, {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy,
-                **pg_metrics, **vf_metrics}
+  # MoE trunks: load balancing + router z-loss of every network this forward ran (policy and
+  # separate critic, or the shared trunk once); 0 and no metrics for dense models.
+  aux, aux_metrics = moe.aux_loss(model)
+  return loss + aux, {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy,
+                      **pg_metrics, **vf_metrics, **aux_metrics}
 
 
 @dataclasses.dataclass
@@ -163,6 +166,13 @@ def _build(config, workdir) -> Setup:
     raise ValueError("ppo.critic='reward' starts the critic from the reward model, which "
                      "ppo.reward='gold' does not train; set --config.ppo.critic=sft or shared.")
   policy = sft.ensure_policy(config.rm.sft, workdir, mesh, config.sft_checkpoint)
+  m = policy.model_config.moe
+  if m.num_experts and not (m.dropless and m.router_jitter == 0):
+    # Capacity-based routing drops tokens depending on which tokens are routed together, so
+    # one-token decode steps and the training forward would disagree: ratio != 1.
+    raise ValueError("PPO with an MoE policy needs model.moe.dropless=True and "
+                     "model.moe.router_jitter=0 (sampler and training forward must agree); "
+                     "train SFT with them, e.g. --config=configs/ppo.py:moe.")
   reward, rm_metrics = None, {}
   if p.reward == "model":
     reward, rm_metrics = rm.ensure_reward_model(config.rm, workdir, mesh, config.rm_checkpoint)
