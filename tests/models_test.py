@@ -9,6 +9,7 @@ from uniform and every parameter matters to the output.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -491,6 +492,65 @@ class ModelsTest(parameterized.TestCase):
     self.assertGreater(want[real].std(), 0.3)
     np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=0, atol=1e-4)
 
+  @parameterized.named_parameters(
+      # Scaled frequencies only show at long wavelengths: original_max_position_embeddings=64
+      # puts this head dim's wavelengths (6 to ~1400) in all three llama3 regimes.
+      ("llama3_rope", "llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+      ("linear_rope", "llama", {"rope_type": "linear", "factor": 4.0}),
+      ("qwen2_biases", "qwen2", {"rope_type": "default"}),
+  )
+  def test_hf_variant_parity(self, model_type, rope):
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+
+    torch.manual_seed(0)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[model_type]
+    hf_cfg = config_cls(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        rope_parameters=dict(rope, rope_theta=500.0), tie_word_embeddings=False,
+        initializer_range=0.1, max_position_embeddings=64)
+    hf_cfg._attn_implementation = "eager"  # pylint: disable=protected-access
+    hf = model_cls(hf_cfg).float().eval()
+    with torch.no_grad():
+      for name, w in hf.named_parameters():
+        if "norm" in name:
+          w.copy_(1.0 + 0.2 * torch.randn_like(w))
+        elif name.endswith("bias"):  # zero-initialised: make the biases matter
+          w.copy_(0.5 * torch.randn_like(w))
+
+    rng = np.random.default_rng(3)
+    t = 24  # long enough for scaled and unscaled frequencies to diverge
+    tokens, mask = left_padded_batch(rng, [24, 13], t, 128)
+    position_ids = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    with torch.no_grad():
+      want = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
+                position_ids=torch.tensor(position_ids, dtype=torch.long)).logits.numpy()
+
+    with tempfile.TemporaryDirectory() as d:
+      hf.save_pretrained(d)
+      cfg, state = hf_import.load_hf_llama(d)
+    self.assertEqual(cfg.qkv_bias, model_type == "qwen2")
+    self.assertEqual(cfg.rope_scaling.kind, rope["rope_type"].replace("default", "none"))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: heads.PolicyModel(cfg, nnx.Rngs(0))))
+    got, _ = call(nnx.merge(graphdef, state), tokens, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=0, atol=1e-4)
+    # The variant matters: without its scaling / biases the logits are clearly different.
+    plain = dataclasses.replace(cfg, rope_scaling=config_lib.RopeScaling(), qkv_bias=False)
+    pure = nnx.to_pure_dict(state)
+    for blk in pure["trunk"]["blocks"].values():
+      for k in ("q_bias_NxH", "k_bias_KxH", "v_bias_KxH"):
+        blk["attn"].pop(k, None)
+    graphdef, plain_state = nnx.split(nnx.eval_shape(lambda: heads.PolicyModel(plain, nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(plain_state, pure)
+    other, _ = call(nnx.merge(graphdef, plain_state), tokens, mask)
+    self.assertGreater(np.abs(np.asarray(other)[real] - want[real]).max(), 1e-2)
+
   def test_hf_import_errors(self):
     with tempfile.TemporaryDirectory() as d:
       with self.assertRaisesRegex(FileNotFoundError, "config.json"):
@@ -502,6 +562,14 @@ class ModelsTest(parameterized.TestCase):
         hf_import.load_hf_llama(d)
       self.assertIn(path, str(ctx.exception))
       self.assertIn("gpt2", str(ctx.exception))
+      llama = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64,
+               "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}
+      for extra, what in (({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+                          ({"attention_bias": True}, "attention_bias"),
+                          ({"rope_scaling": {"rope_type": "linear"}}, "factor"),
+                          ({"use_sliding_window": True}, "sliding")):
+        with self.assertRaisesRegex((NotImplementedError, ValueError), what):
+          hf_import.config_from_hf(dict(llama, **extra), path)
 
   # ------------------------------------------------------------------ config validation
 

@@ -47,7 +47,7 @@ def sft_arrays(records: Sequence[dict[str, str]], tok: Tokenizer, max_prompt_len
       if not isinstance(rec.get(key), str):
         raise ValueError(f"{source}: record {i}: field {key!r} must be a string, got "
                          f"{rec.get(key)!r}.")
-    prompt = tok.encode(rec["prompt"])
+    prompt = tok.encode_prompt(rec["prompt"])
     completion = tok.encode(rec["completion"]) + [tok.eos_id]
     if not prompt:
       raise ValueError(f"{source}: record {i}: empty prompt.")
@@ -131,7 +131,7 @@ def preference_arrays(records: Sequence[dict[str, str]], tok: Tokenizer, max_pro
   kept, margins = [], []
   for i, rec in enumerate(records):
     rec = check_record(rec, "preference", f"{source}: record {i}")
-    if len(tok.encode(rec["prompt"])) > max_prompt_len:
+    if len(tok.encode_prompt(rec["prompt"])) > max_prompt_len:
       if bad_pairs == "error":
         raise ValueError(f"{source}: record {i}: prompt is over data.max_prompt_len "
                          f"({max_prompt_len} tokens); raise it or set data.bad_pairs='drop' "
@@ -169,7 +169,7 @@ def prompt_arrays(prompts: Sequence[str], tok: Tokenizer, max_prompt_len: int,
   tokens = np.full((len(prompts), max_prompt_len), tok.pad_id, np.int32)
   mask = np.zeros((len(prompts), max_prompt_len), np.int32)
   for i, text in enumerate(prompts):
-    ids = tok.encode(text)
+    ids = tok.encode_prompt(text)
     if len(ids) > max_prompt_len:
       ids = ids[-max_prompt_len:]
       if counts: counts.prompts += 1

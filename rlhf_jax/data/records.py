@@ -55,7 +55,8 @@ def load_records(config: ml_collections.ConfigDict, schema: str, task_fn: str):
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str | None, corpus):
   t = config.tokenizer
-  return tokenizer_lib.get_tokenizer(t.kind, workdir, corpus, t.vocab_size, t.model_path)
+  return tokenizer_lib.get_tokenizer(t.kind, workdir, corpus, t.vocab_size, t.model_path,
+                                    chat=t.get("chat", False))
 
 
 def load_sft_data(config: ml_collections.ConfigDict, workdir: str | None) -> StageData:

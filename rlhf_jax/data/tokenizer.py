@@ -1,7 +1,9 @@
-"""The tokenizer interface every stage uses: a byte-level and a SentencePiece implementation.
+"""The tokenizer interface every stage uses: byte-level, SentencePiece and (hf_tokenizer.py)
+Hugging Face `tokenizers` implementations.
 
-Stages only touch `encode`, `decode`, `vocab_size` and the special ids, so a SentencePiece
-or Hugging Face `tokenizers` backend drops in without changing them. Pad and EOS are
+Stages only touch `encode`, `encode_prompt`, `decode`, `vocab_size` and the special ids, so
+backends drop in without changing them. `encode_prompt` is how a prompt enters the model:
+the text itself here, a chat-template user turn for imported chat models. Pad and EOS are
 different ids on purpose: a padded position must never be mistaken for an end of text.
 """
 
@@ -26,6 +28,9 @@ class Tokenizer(Protocol):
   def encode(self, text: str) -> list[int]:
     ...
 
+  def encode_prompt(self, text: str) -> list[int]:
+    ...
+
   def decode(self, ids: Sequence[int]) -> str:
     ...
 
@@ -43,6 +48,9 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return [b + self._OFFSET for b in text.encode("utf-8")]
+
+  def encode_prompt(self, text: str) -> list[int]:
+    return self.encode(text)
 
   def decode(self, ids: Sequence[int]) -> str:
     out = bytearray()
@@ -110,6 +118,9 @@ class SentencePieceTokenizer:
       if part:
         ids.extend(self._sp.encode(part))
     return ids
+
+  def encode_prompt(self, text: str) -> list[int]:
+    return self.encode(text)
 
   def decode(self, ids: Sequence[int]) -> str:
     kept = []
@@ -211,18 +222,31 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
   return path
 
 
-TOKENIZER_KINDS = ("byte", "sentencepiece")
+TOKENIZER_KINDS = ("byte", "sentencepiece", "hf")
 
 
 def get_tokenizer(kind: str, workdir: str | None, corpus: Callable[[], Iterable[str]] | None,
-                  vocab_size: int, model_path: str = "", *, model_type: str = "bpe") -> Tokenizer:
+                  vocab_size: int, model_path: str = "", *, model_type: str = "bpe",
+                  chat: bool = False) -> Tokenizer:
   """The tokenizer a run uses.
 
   kind "byte": ByteTokenizer (the other arguments are unused). kind "sentencepiece": the
   model at `model_path` if given; else the cached `<workdir>/tokenizer/spm.model`; else one
   trained on `corpus()` and cached there, so a resumed or later stage of the same run reuses
-  exactly the same vocabulary.
+  exactly the same vocabulary. kind "hf": the Hugging Face tokenizer of an imported model at
+  `model_path` (see hf_tokenizer.py; `vocab_size` is the model's own), prompts in its chat
+  template when `chat`.
   """
+  if chat and kind != "hf":
+    raise ValueError(f"tokenizer.chat needs a chat template, which only tokenizer.kind='hf' "
+                     f"has (kind is {kind!r}).")
+  if kind == "hf":
+    from rlhf_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    if not model_path:
+      raise ValueError("tokenizer.kind='hf' needs tokenizer.model_path: a Hugging Face tokenizer "
+                       "directory, a GGUF file, or a bundled model name.")
+    cache = os.path.join(workdir, "tokenizer") if workdir else None
+    return hf_tokenizer.load(model_path, chat, cache)
   if kind == "byte":
     return ByteTokenizer()
   if kind != "sentencepiece":
@@ -254,6 +278,9 @@ def describe(tok: Tokenizer) -> dict:
     return {"kind": "byte"}
   if isinstance(tok, SentencePieceTokenizer):
     return {"kind": "sentencepiece", "model_path": os.path.abspath(tok.model_path)}
+  from rlhf_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+  if isinstance(tok, hf_tokenizer.HFTokenizer):
+    return {"kind": "hf", "model_path": tok.directory, "chat": tok.chat}
   raise TypeError(f"cannot describe tokenizer of type {type(tok).__name__}.")
 
 
@@ -262,4 +289,7 @@ def from_description(desc: dict) -> Tokenizer:
     return ByteTokenizer()
   if desc.get("kind") == "sentencepiece":
     return SentencePieceTokenizer(desc["model_path"])
+  if desc.get("kind") == "hf":
+    from rlhf_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    return hf_tokenizer.HFTokenizer(desc["model_path"], chat=desc.get("chat", False))
   raise ValueError(f"unknown tokenizer description {desc!r}.")

@@ -64,6 +64,36 @@ class MoEConfig:
     return self.num_experts > 0 and (layer + 1) % self.moe_every == 0
 
 
+ROPE_SCALING_KINDS = ("none", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Stretched rotary frequencies of long-context checkpoints (Hugging Face `rope_type`).
+
+  "linear": every inverse frequency divided by `factor` (position interpolation).
+  "llama3": wavelengths above original_max_position_embeddings / low_freq_factor divided by
+  `factor`, those below original_max_position_embeddings / high_freq_factor kept, and a
+  smooth blend in between (LLaMA 3.1+).
+  """
+
+  kind: str = "none"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0  # llama3 only
+  high_freq_factor: float = 4.0  # llama3 only
+  original_max_position_embeddings: int = 8192  # llama3 only
+
+  def __post_init__(self):
+    if self.kind not in ROPE_SCALING_KINDS:
+      raise ValueError(f"model.rope_scaling config: `kind` is {self.kind!r}; choose one of "
+                       f"{ROPE_SCALING_KINDS}.")
+    if self.kind != "none" and self.factor <= 0:
+      raise ValueError(f"model.rope_scaling config: `factor` must be positive, got {self.factor}.")
+    if self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+      raise ValueError("model.rope_scaling config: need 0 < low_freq_factor < high_freq_factor, "
+                       f"got {self.low_freq_factor}, {self.high_freq_factor}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """A LLaMA-style decoder. Defaults are a tiny model that trains in seconds on CPU."""
@@ -76,8 +106,10 @@ class TransformerConfig:
   head_dim: int = 0  # 0: d_model // num_heads.
   mlp_dim: int = 172  # SwiGLU hidden size.
   rope_theta: float = 10_000.0
+  rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)  # none by default
   rms_norm_eps: float = 1e-6
   tie_embeddings: bool = False
+  qkv_bias: bool = False  # Biases on the q/k/v projections (Qwen2); no parameters when off.
   init_std: float = 0.02  # Normal init of every matrix (HF `initializer_range`).
   param_dtype: str = "float32"  # Storage dtype of parameters (and optimizer state).
   dtype: str = "float32"  # Compute dtype of matmuls; norms, softmax and RoPE stay float32.
@@ -104,6 +136,9 @@ class TransformerConfig:
            f"`{name}` is {getattr(self, name)!r}; choose one of {sorted(_DTYPES)}.")
     need(isinstance(self.moe, MoEConfig),
          f"`moe` must be a MoEConfig (from_config builds it from a dict), got {self.moe!r}.")
+    need(isinstance(self.rope_scaling, RopeScaling),
+         f"`rope_scaling` must be a RopeScaling (from_config builds it from a dict), got "
+         f"{self.rope_scaling!r}.")
 
   @property
   def resolved_head_dim(self) -> int:
@@ -122,11 +157,12 @@ class TransformerConfig:
     """From a ConfigDict / dict; unknown keys are an error naming the key."""
     cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     check_known_keys("model", cfg, (f.name for f in dataclasses.fields(cls)))
-    moe = cfg.get("moe")
-    if moe is not None and not isinstance(moe, MoEConfig):
-      moe = dict(moe.to_dict() if hasattr(moe, "to_dict") else moe)
-      check_known_keys("model.moe", moe, (f.name for f in dataclasses.fields(MoEConfig)))
-      cfg["moe"] = MoEConfig(**moe)
+    for name, sub_cls in (("moe", MoEConfig), ("rope_scaling", RopeScaling)):
+      sub = cfg.get(name)
+      if sub is not None and not isinstance(sub, sub_cls):
+        sub = dict(sub.to_dict() if hasattr(sub, "to_dict") else sub)
+        check_known_keys(f"model.{name}", sub, (f.name for f in dataclasses.fields(sub_cls)))
+        cfg[name] = sub_cls(**sub)
     return cls(**cfg)
 
   def to_dict(self) -> dict[str, Any]:

@@ -9,12 +9,14 @@ whatever the compute dtype, as Hugging Face's LLaMA does.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax import sharding
-from rlhf_jax.models.config import TransformerConfig
+from rlhf_jax.models.config import RopeScaling, TransformerConfig
 
 
 def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -36,10 +38,27 @@ class RMSNorm(nnx.Module):
     return x.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
 
-def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+def scale_inv_freq(inv_freq_H2: jax.Array, s: RopeScaling) -> jax.Array:
+  """Inverse frequencies of a long-context checkpoint (Hugging Face's `rope_type` maths)."""
+  if s.kind == "none":
+    return inv_freq_H2
+  if s.kind == "linear":
+    return inv_freq_H2 / s.factor
+  wavelen_H2 = 2 * math.pi / inv_freq_H2  # llama3
+  n = s.original_max_position_embeddings
+  smooth_H2 = (n / wavelen_H2 - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  blended_H2 = (1 - smooth_H2) * inv_freq_H2 / s.factor + smooth_H2 * inv_freq_H2
+  return jnp.where(wavelen_H2 > n / s.low_freq_factor, inv_freq_H2 / s.factor,
+                   jnp.where(wavelen_H2 < n / s.high_freq_factor, inv_freq_H2, blended_H2))
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float,
+         scaling: RopeScaling | None = None) -> jax.Array:
   """Rotary embedding in the Hugging Face LLaMA layout (rotate-half, not interleaved)."""
   h = x_BxTxNxH.shape[-1]
   inv_freq_H2 = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  if scaling is not None:
+    inv_freq_H2 = scale_inv_freq(inv_freq_H2, scaling)
   angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_H2
   angles_BxTx1xH = jnp.concatenate([angles_BxTxH2, angles_BxTxH2], axis=-1)[:, :, None, :]
   x = x_BxTxNxH.astype(jnp.float32)
@@ -56,11 +75,17 @@ class Attention(nnx.Module):
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     std, pdt = cfg.init_std, cfg.jnp_param_dtype
     self.theta = cfg.rope_theta
+    self.rope_scaling = cfg.rope_scaling
     self.dtype = cfg.jnp_dtype
     self.q_DxNxH = param(rngs, (d, n, h), ("embed", "heads", "kv"), std, pdt)
     self.k_DxKxH = param(rngs, (d, k, h), ("embed", "kv_heads", "kv"), std, pdt)
     self.v_DxKxH = param(rngs, (d, k, h), ("embed", "kv_heads", "kv"), std, pdt)
     self.o_NxHxD = param(rngs, (n, h, d), ("heads", "kv", "embed"), std, pdt)
+    self.qkv_bias = cfg.qkv_bias
+    if cfg.qkv_bias:  # Qwen2-style; off by default, and then no parameters exist at all.
+      self.q_bias_NxH = param(rngs, (n, h), ("heads", "kv"), 0.0, pdt)
+      self.k_bias_KxH = param(rngs, (k, h), ("kv_heads", "kv"), 0.0, pdt)
+      self.v_bias_KxH = param(rngs, (k, h), ("kv_heads", "kv"), 0.0, pdt)
 
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None):
     """Returns (output_BxTxD, (k_BxSxKxH, v_BxSxKxH)).
@@ -75,8 +100,12 @@ class Attention(nnx.Module):
     q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x, self.q_DxNxH[...].astype(dt))
     k_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x, self.k_DxKxH[...].astype(dt))
     v_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x, self.v_DxKxH[...].astype(dt))
-    q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.theta)
-    k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.theta)
+    if self.qkv_bias:
+      q_BxTxNxH = q_BxTxNxH + self.q_bias_NxH[...].astype(dt)
+      k_BxTxKxH = k_BxTxKxH + self.k_bias_KxH[...].astype(dt)
+      v_BxTxKxH = v_BxTxKxH + self.v_bias_KxH[...].astype(dt)
+    q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.theta, self.rope_scaling)
+    k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.theta, self.rope_scaling)
     q_BxTxNxH = sharding.constrain(
         q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", None))
 
