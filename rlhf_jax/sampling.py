@@ -48,6 +48,25 @@ def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
   return logits_BxV
 
 
+def first_argmax(x_BxV: jax.Array) -> jax.Array:
+  """`jnp.argmax(x_BxV, -1)` (the first index of the maximum) as two plain reductions.
+
+  XLA:CPU lowers argmax to a (value, index) pair reduction that is several times slower than
+  a max followed by a min over the indices attaining it; this is every decode step's cost.
+  A row without a finite maximum (NaN logits) gives V - 1, an id that is at least in range.
+  """
+  v = x_BxV.shape[-1]
+  iota_V = jnp.arange(v, dtype=jnp.int32)
+  is_max_BxV = x_BxV == x_BxV.max(axis=-1, keepdims=True)
+  return jnp.min(jnp.where(is_max_BxV, iota_V, v - 1), axis=-1)
+
+
+def categorical(key: jax.Array, logits_BxV: jax.Array) -> jax.Array:
+  """`jax.random.categorical(key, logits_BxV)`, draw for draw: the same Gumbel noise from the
+  same key and the same tie-breaking (the first maximum), with the faster `first_argmax`."""
+  return first_argmax(logits_BxV + jax.random.gumbel(key, logits_BxV.shape, logits_BxV.dtype))
+
+
 def make_sampler(graphdef, sampling: SamplingConfig, eos_id: int, pad_id: int):
   """Returns jitted `sample(params, prompt_BxP, prompt_mask_BxP, rng) -> dict`.
 
@@ -61,7 +80,10 @@ def make_sampler(graphdef, sampling: SamplingConfig, eos_id: int, pad_id: int):
     model.eval()  # MoE layers: eval capacity factor, no router jitter (no-op when dense)
     b, p = prompt_BxP.shape
     cache = init_cache(model.cfg, b, p + s.max_new_tokens)
-    logits_BxPxV, cache = model(prompt_BxP, prompt_mask_BxP, cache)
+    h_BxPxD, cache = model.trunk(prompt_BxP, prompt_mask_BxP, cache)
+    # Only the last prompt position predicts a token (prompts are left-padded): the LM head
+    # on all P positions would be P times its FLOPs and a [B, P, V] buffer for nothing.
+    first_logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
 
     def step(carry, t):
       logits_BxV, cache, done_B, rng = carry
@@ -76,9 +98,9 @@ def make_sampler(graphdef, sampling: SamplingConfig, eos_id: int, pad_id: int):
         banned_V = jnp.arange(logits_BxV.shape[-1]) == eos_id
         logits_BxV = jnp.where((t < s.min_new_tokens) & banned_V, -jnp.inf, logits_BxV)
       if s.temperature > 0:
-        token_B = jax.random.categorical(key, filter_logits(logits_BxV, s.top_k, s.top_p))
+        token_B = categorical(key, filter_logits(logits_BxV, s.top_k, s.top_p))
       else:
-        token_B = jnp.argmax(logits_BxV, axis=-1)
+        token_B = first_argmax(logits_BxV)
       live_B = ~done_B
       token_B = jnp.where(live_B, token_B, pad_id).astype(jnp.int32)
       logp_B = jnp.where(live_B, jnp.take_along_axis(logp_BxV, token_B[:, None], -1)[:, 0], 0.0)
@@ -86,7 +108,7 @@ def make_sampler(graphdef, sampling: SamplingConfig, eos_id: int, pad_id: int):
       done_B = done_B | (token_B == eos_id)
       return (next_logits[:, -1], cache, done_B, rng), (token_B, live_B, logp_B)
 
-    init = (logits_BxPxV[:, -1], cache, jnp.zeros((b,), bool), rng)
+    init = (first_logits_BxV, cache, jnp.zeros((b,), bool), rng)
     _, (tokens_NxB, mask_NxB, logp_NxB) = jax.lax.scan(step, init, jnp.arange(s.max_new_tokens))
     return {"tokens": tokens_NxB.T, "mask": mask_NxB.T.astype(jnp.int32), "logprobs": logp_NxB.T}
 

@@ -392,7 +392,8 @@ class ModelsTest(parameterized.TestCase):
     expected_key_mask = np.zeros((b, max_len), bool)
     expected_key_mask[:, :p + gen] = real
     np.testing.assert_array_equal(np.asarray(cache.key_mask_BxS), expected_key_mask)
-    self.assertEqual(cache.k[0].shape, (b, max_len, num_kv_heads, cfg.resolved_head_dim))
+    self.assertEqual(cache.k[0].shape, (b, num_kv_heads, cfg.resolved_head_dim, max_len))
+    self.assertEqual(cache.v[0].shape, (b, num_kv_heads, max_len, cfg.resolved_head_dim))
 
   @parameterized.named_parameters(("gqa", 2), ("mha", 4))
   def test_jitted_cached_decode_with_donated_cache(self, num_kv_heads):

@@ -268,6 +268,36 @@ class SamplingTest(parameterized.TestCase):
       others = np.delete(out, [3, 7], axis=1)
       np.testing.assert_array_equal(others, -np.inf, err_msg=f"k={k} p={p}")
 
+  # ------------------------------------------------------------------ categorical draws
+
+  def test_first_argmax_is_numpy_argmax_with_ties(self):
+    rng = np.random.default_rng(0)
+    # Few distinct values, so most rows have their maximum several times; -inf entries too.
+    x = rng.integers(0, 4, (256, V)).astype(np.float32)
+    x[rng.random(x.shape) < 0.3] = -np.inf
+    x[0] = -np.inf
+    x[0, [5, 9]] = 1.0
+    got = np.asarray(jax.jit(sampling.first_argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))  # numpy: the first maximum
+    self.assertEqual(got[0], 5)
+    self.assertGreater(np.mean((x == x.max(-1, keepdims=True)).sum(-1) > 1), 0.9)
+
+  def test_categorical_is_jax_categorical_draw_for_draw(self):
+    """Same key, same token as jax.random.categorical (so seeds keep their meaning), also
+    with filtered (-inf) logits; the distribution itself is tested against exact
+    probabilities in test_sampling_statistics."""
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((64, V)) * rng.uniform(0.3, 4.0, (64, 1))).astype(np.float32)
+    filtered = np.asarray(_filter_jit(jnp.asarray(logits), 5, 0.9))
+    ours = jax.jit(jax.vmap(sampling.categorical, in_axes=(0, None)))
+    theirs = jax.jit(jax.vmap(jax.random.categorical, in_axes=(0, None)))
+    keys = jax.random.split(jax.random.PRNGKey(3), 200)
+    for x in (logits, filtered):
+      got, want = np.asarray(ours(keys, x)), np.asarray(theirs(keys, x))
+      np.testing.assert_array_equal(got, want)
+      self.assertGreater(np.mean(got != got[:1]), 0.3)  # the keys drew different tokens
+    self.assertTrue(np.all(np.isfinite(filtered[np.arange(64), got])))
+
   # ------------------------------------------------------------------ sampling statistics
 
   @parameterized.named_parameters(

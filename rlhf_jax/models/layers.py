@@ -88,12 +88,11 @@ class Attention(nnx.Module):
       self.v_bias_KxH = param(rngs, (k, h), ("kv_heads", "kv"), 0.0, pdt)
 
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None):
-    """Returns (output_BxTxD, (k_BxSxKxH, v_BxSxKxH)).
+    """Returns (output_BxTxD, updated cache or None).
 
-    Without a cache S == T and the returned k/v are this call's. With a cache
-    `(k_BxSxKxH, v_BxSxKxH)`, this call's keys/values are written at slots
-    [cache_index, cache_index + T) and attention runs over all S slots; `mask_BxTxS`
-    says which slots each query may see.
+    Without a cache S == T. With a cache `(k_BxKxHxS, v_BxKxSxH)` (see `KVCache`), this
+    call's keys/values are written at slots [cache_index, cache_index + T) and attention
+    runs over all S slots; `mask_BxTxS` says which slots each query may see.
     """
     dt = self.dtype
     x = x_BxTxD.astype(dt)
@@ -110,19 +109,44 @@ class Attention(nnx.Module):
         q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", None))
 
     if kv_cache is None:
-      k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+      # jax.nn.dot_product_attention handles K < N (GQA) and keeps the softmax in float32;
+      # fully masked rows (pad queries) get uniform weights, i.e. finite garbage, not NaN.
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_BxTxS[:, None])
+      new_cache = None
     else:
-      k_cache, v_cache = kv_cache
-      at = (0, cache_index, 0, 0)
-      k_BxSxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), at)
-      v_BxSxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), at)
-
-    # jax.nn.dot_product_attention handles K < N (GQA) and keeps the softmax in float32;
-    # fully masked rows (pad queries) get uniform weights, i.e. finite garbage, not NaN.
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt), mask=mask_BxTxS[:, None])
+      k_BxKxHxS, v_BxKxSxH = kv_cache
+      k_BxKxHxS = jax.lax.dynamic_update_slice(
+          k_BxKxHxS, k_BxTxKxH.transpose(0, 2, 3, 1).astype(k_BxKxHxS.dtype),
+          (0, 0, 0, cache_index))
+      v_BxKxSxH = jax.lax.dynamic_update_slice(
+          v_BxKxSxH, v_BxTxKxH.transpose(0, 2, 1, 3).astype(v_BxKxSxH.dtype),
+          (0, 0, cache_index, 0))
+      out_BxTxNxH = cached_attention(q_BxTxNxH, k_BxKxHxS.astype(dt), v_BxKxSxH.astype(dt),
+                                     mask_BxTxS)
+      new_cache = (k_BxKxHxS, v_BxKxSxH)
     out_BxTxD = jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH, self.o_NxHxD[...].astype(dt))
-    return out_BxTxD, (k_BxSxKxH, v_BxSxKxH)
+    return out_BxTxD, new_cache
+
+
+def cached_attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxTxS):
+  """`jax.nn.dot_product_attention`'s maths on the KV cache's own layouts.
+
+  Query head n reads key/value head n // (N / K), as there (and as Hugging Face's
+  repeat_kv). Written out because dot_product_attention wants [B, S, K, H] keys and values:
+  feeding it the cache would transpose every layer's whole cache at every decode step.
+  """
+  b, t, n, h = q_BxTxNxH.shape
+  k = k_BxKxHxS.shape[1]
+  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+  logits_BxKxGxTxS = jnp.einsum("BTKGH,BKHS->BKGTS", q_BxTxKxGxH, k_BxKxHxS,
+                                preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
+  # Every query sees at least its own slot, so no row is fully masked here.
+  logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS,
+                               0.7 * jnp.finfo(jnp.float32).min)
+  probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxKxSxH.dtype)
+  out_BxTxKxGxH = jnp.einsum("BKGTS,BKSH->BTKGH", probs_BxKxGxTxS, v_BxKxSxH)
+  return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
 class SwiGLU(nnx.Module):

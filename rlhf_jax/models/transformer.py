@@ -31,19 +31,21 @@ class KVCache(NamedTuple):
   write), so allocate prompt length + max new tokens, as `sampling.py` does.
   """
 
-  k: tuple[jax.Array, ...]  # per layer, [B, S, K, H]
-  v: tuple[jax.Array, ...]  # per layer, [B, S, K, H]
+  # Keys slot-minor and values slot-major are the layouts the two attention matmuls read
+  # directly, so a decode step writes one slot in place with no transposed copy of the cache.
+  k: tuple[jax.Array, ...]  # per layer, [B, K, H, S]
+  v: tuple[jax.Array, ...]  # per layer, [B, K, S, H]
   key_mask_BxS: jax.Array  # bool: slot holds a real (non-pad) token
   index: jax.Array  # int32 scalar: next slot to write
   next_position_B: jax.Array  # int32: position id of each row's next real token
 
 
 def init_cache(cfg: TransformerConfig, batch: int, max_len: int) -> KVCache:
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
-  zeros = lambda: jnp.zeros(shape, cfg.jnp_dtype)
+  k, h = cfg.num_kv_heads, cfg.resolved_head_dim
+  zeros = lambda shape: jnp.zeros(shape, cfg.jnp_dtype)
   return KVCache(
-      k=tuple(zeros() for _ in range(cfg.num_layers)),
-      v=tuple(zeros() for _ in range(cfg.num_layers)),
+      k=tuple(zeros((batch, k, h, max_len)) for _ in range(cfg.num_layers)),
+      v=tuple(zeros((batch, k, max_len, h)) for _ in range(cfg.num_layers)),
       key_mask_BxS=jnp.zeros((batch, max_len), bool),
       index=jnp.zeros((), jnp.int32),
       next_position_B=jnp.zeros((batch,), jnp.int32),
@@ -123,16 +125,16 @@ class Transformer(nnx.Module):
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.cfg.jnp_dtype)
     x_BxTxD = sharding.constrain(
         x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
-    new_k, new_v = [], []
+    new_kv = []
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x_BxTxD, (k, v) = block(x_BxTxD, positions_BxT, attn_mask_BxTxS, kv, index, mask_BxT)
-      new_k.append(k)
-      new_v.append(v)
+      x_BxTxD, kv = block(x_BxTxD, positions_BxT, attn_mask_BxTxS, kv, index, mask_BxT)
+      new_kv.append(kv)
     h_BxTxD = self.final_norm(x_BxTxD)
 
     if cache is None:
       return h_BxTxD, None
+    new_k, new_v = zip(*new_kv)
     return h_BxTxD, KVCache(
-        k=tuple(new_k), v=tuple(new_v), key_mask_BxS=key_mask_BxS, index=index + t,
+        k=new_k, v=new_v, key_mask_BxS=key_mask_BxS, index=index + t,
         next_position_B=cache.next_position_B + mask_BxT.sum(axis=1, dtype=jnp.int32))
