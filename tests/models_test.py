@@ -337,6 +337,48 @@ class ModelsTest(parameterized.TestCase):
     np.testing.assert_allclose(per_tok[[0, 1, 2, 3], [7, 4, 6, 7]], got, rtol=0, atol=1e-6)
     np.testing.assert_allclose(per_tok[3, n - 1], ref[0], rtol=0, atol=1e-5)
 
+  @parameterized.named_parameters(
+      ("dense_gqa", 2, dict()),
+      ("moe_last_block", 4, dict(num_experts=4, moe_every=2)),  # 2 layers: block 1 is MoE
+      ("moe_inner_block", 4, dict(num_experts=4, moe_every=2, dropless=True), 3),
+  )
+  def test_reward_last_token_path_matches_full_path(self, num_kv_heads, moe_kw, layers=2):
+    """The score runs the last block for the scored token only (`last_only`); it equals the
+    per-token head of the full forward at that token, with the same gradient and the same MoE
+    auxiliary loss."""
+    from rlhf_jax.models import moe  # pylint: disable=g-import-not-at-top
+    cfg = tiny_cfg(num_kv_heads=num_kv_heads, num_layers=layers,
+                   moe=config_lib.MoEConfig(**moe_kw))
+    rm = random_model("reward", cfg, seed=8)
+    graphdef, params = nnx.split(rm)
+    rng = np.random.default_rng(8)
+    tokens, mask = left_padded_batch(rng, [9, 4, 1, 7], 9, cfg.vocab_size)
+    mask[3, 7:] = 0  # right-padded too
+    w = jnp.asarray(rng.normal(size=4), jnp.float32)
+    last = transformer.last_token_index(mask)
+
+    def loss(params, full):
+      model = nnx.merge(graphdef, params)
+      if full:
+        r = model.per_token(tokens, mask)[jnp.arange(4), last]
+      else:
+        r = model(tokens, mask)
+      aux, _ = moe.aux_loss(model)
+      return (r * w).sum() + aux, (r, aux)
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (_, (got, got_aux)), g = grad(params, False)
+    (_, (want, want_aux)), want_g = grad(params, True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+    self.assertGreater(np.ptp(np.asarray(want)), 1e-2)
+    np.testing.assert_allclose(float(got_aux), float(want_aux), rtol=1e-6)
+    self.assertEqual(float(want_aux) > 0, bool(moe_kw))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    h = jax.eval_shape(lambda p: nnx.merge(graphdef, p).trunk(tokens, mask, last_only=True)[0],
+                       params)
+    self.assertEqual(h.shape, (4, 1, cfg.d_model))
+
   def test_last_token_index(self):
     masks = np.array([
         [0, 0, 1, 1, 1],  # left padded

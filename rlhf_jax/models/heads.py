@@ -17,7 +17,7 @@ from flax import nnx
 
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.layers import param
-from rlhf_jax.models.transformer import KVCache, Transformer, last_token_index
+from rlhf_jax.models.transformer import KVCache, Transformer
 
 
 class PolicyModel(nnx.Module):
@@ -85,9 +85,8 @@ class RewardModel(nnx.Module):
 
   def __call__(self, tokens_BxT, mask_BxT) -> jax.Array:
     """Score of each sequence, read at its last non-pad token, [B] float32."""
-    r_BxT = self.per_token(tokens_BxT, mask_BxT)
-    idx_B = last_token_index(mask_BxT)
-    return jnp.take_along_axis(r_BxT, idx_B[:, None], axis=1)[:, 0]
+    h_Bx1xD, _ = self.trunk(tokens_BxT, mask_BxT, last_only=True)
+    return self.reward_head(h_Bx1xD)[:, 0]
 
 
 MODEL_KINDS = {"policy": PolicyModel, "value": ValueModel, "reward": RewardModel}

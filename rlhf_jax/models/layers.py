@@ -25,6 +25,12 @@ def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
   return nnx.Param(value, logical_axes=tuple(axes))
 
 
+def take_at(x_BxTx_, index_B: jax.Array) -> jax.Array:
+  """`x[b, index_B[b]]` for every row b, keeping the length axis: [B, 1, ...]."""
+  index = index_B.reshape((-1, 1) + (1,) * (x_BxTx_.ndim - 2))
+  return jnp.take_along_axis(x_BxTx_, index, axis=1)
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig):
@@ -87,23 +93,30 @@ class Attention(nnx.Module):
       self.k_bias_KxH = param(rngs, (k, h), ("kv_heads", "kv"), 0.0, pdt)
       self.v_bias_KxH = param(rngs, (k, h), ("kv_heads", "kv"), 0.0, pdt)
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None,
+               query_at_B=None):
     """Returns (output_BxTxD, updated cache or None).
 
     Without a cache S == T. With a cache `(k_BxKxHxS, v_BxKxSxH)` (see `KVCache`), this
     call's keys/values are written at slots [cache_index, cache_index + T) and attention
     runs over all S slots; `mask_BxTxS` says which slots each query may see.
+    `query_at_B` (no cache): the output at that one position of each row only, [B, 1, D];
+    keys and values still come from all T positions.
     """
     dt = self.dtype
     x = x_BxTxD.astype(dt)
-    q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x, self.q_DxNxH[...].astype(dt))
+    x_q, q_positions_BxT = x, positions_BxT
+    if query_at_B is not None:
+      x_q, q_positions_BxT = take_at(x, query_at_B), take_at(positions_BxT, query_at_B)
+      mask_BxTxS = take_at(mask_BxTxS, query_at_B)
+    q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x_q, self.q_DxNxH[...].astype(dt))
     k_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x, self.k_DxKxH[...].astype(dt))
     v_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x, self.v_DxKxH[...].astype(dt))
     if self.qkv_bias:
       q_BxTxNxH = q_BxTxNxH + self.q_bias_NxH[...].astype(dt)
       k_BxTxKxH = k_BxTxKxH + self.k_bias_KxH[...].astype(dt)
       v_BxTxKxH = v_BxTxKxH + self.v_bias_KxH[...].astype(dt)
-    q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.theta, self.rope_scaling)
+    q_BxTxNxH = rope(q_BxTxNxH, q_positions_BxT, self.theta, self.rope_scaling)
     k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.theta, self.rope_scaling)
     q_BxTxNxH = sharding.constrain(
         q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", None))
