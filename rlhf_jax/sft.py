@@ -47,13 +47,19 @@ def sft_loss(model: PolicyModel, batch: dict[str, jax.Array]):
 
 def token_ce(model: PolicyModel, batch: dict[str, jax.Array]):
   """(mean CE over weighted target tokens, metrics)."""
-  logits_BxTxV, _ = model(batch["tokens"], batch["mask"])
+  h_BxTxD, _ = model.trunk(batch["tokens"], batch["mask"])
+  # The LM head only where there is a next token: the last position's logits would be
+  # computed (and differentiated) for nothing.
+  logits_BxT1xV = model.logits(h_BxTxD[:, :-1])
   targets_BxT1 = batch["tokens"][:, 1:]
   weights_BxT1 = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  ce_BxT1 = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV[:, :-1], targets_BxT1)
+  ce_BxT1 = optax.softmax_cross_entropy_with_integer_labels(logits_BxT1xV, targets_BxT1)
   n = jnp.maximum(weights_BxT1.sum(), 1.0)
   loss = (ce_BxT1 * weights_BxT1).sum() / n
-  correct = (jnp.argmax(logits_BxTxV[:, :-1], -1) == targets_BxT1).astype(jnp.float32)
+  # Correct when the target's logit is the maximum (the CE computes both already; an argmax
+  # is a slow index reduction on CPU). A tie for the maximum counts as correct.
+  target_logit_BxT1 = jnp.take_along_axis(logits_BxT1xV, targets_BxT1[..., None], -1)[..., 0]
+  correct = (target_logit_BxT1 >= logits_BxT1xV.max(-1)).astype(jnp.float32)
   return loss, {"token_accuracy": (correct * weights_BxT1).sum() / n, "num_tokens": n}
 
 
