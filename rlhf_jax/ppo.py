@@ -56,10 +56,29 @@ class ActorCritic(nnx.Module):
     h_BxTxD, _ = self.policy.trunk(seq_BxT, mask_BxT)
     return self.policy.logits(h_BxTxD), self.value_head(h_BxTxD)
 
+  def on_response(self, seq_BxT, mask_BxT, n: int):
+    """(policy logits [B, N, V], values [B, N]) at the positions that predict the last N
+    tokens of `seq_BxT`, the response. What PPO's experience pass and loss both use."""
+    h_BxTxD, _ = self.policy.trunk(seq_BxT, mask_BxT)
+    logits_BxNxV = self.policy.logits(response_positions(h_BxTxD, n))
+    if self.critic is not None:
+      return logits_BxNxV, response_positions(self.critic(seq_BxT, mask_BxT), n)
+    return logits_BxNxV, self.value_head(response_positions(h_BxTxD, n))
 
-def _response_logits(logits_BxLxV, n: int):
-  """Logits that predict the N response tokens: positions P-1 .. P+N-2 of the sequence."""
-  return logits_BxLxV[:, -n - 1:-1]
+
+def response_positions(x_BxL, n: int):
+  """The positions that predict the N response tokens, P-1 .. P+N-2 of the sequence.
+
+  Slice the trunk output before the LM head, not the logits after it: the prompt positions'
+  logits would be a [B, P, V] float32 buffer (and gradient) and head FLOPs for nothing.
+  """
+  return x_BxL[:, -n - 1:-1]
+
+
+def ref_response_logits(ref: PolicyModel, seq_BxT, mask_BxT, n: int):
+  """The frozen reference policy's logits at the response positions, [B, N, V]."""
+  h_BxTxD, _ = ref.trunk(seq_BxT, mask_BxT)
+  return ref.logits(response_positions(h_BxTxD, n))
 
 
 def make_experience_fn(ac_graphdef, ref_graphdef, reward: rm.RewardFunction | None, cfg,
@@ -77,13 +96,13 @@ def make_experience_fn(ac_graphdef, ref_graphdef, reward: rm.RewardFunction | No
     ref = nnx.merge(ref_graphdef, ref_params)
     seq, seq_mask, resp, mask = batch["seq"], batch["seq_mask"], batch["response"], batch["mask"]
     n = resp.shape[1]
-    all_logits, all_values = ac(seq, seq_mask)
-    logits = _response_logits(all_logits, n)
+    # The same forward as `ppo_loss`'s, so the first minibatch's ratio is exactly 1.
+    logits, values = ac.on_response(seq, seq_mask, n)
     logp = ppo_core.token_logprobs(logits, resp, temperature) * mask
     entropy = ppo_core.token_entropy(logits, temperature)
-    ref_logp = ppo_core.token_logprobs(_response_logits(ref(seq, seq_mask)[0], n), resp,
+    ref_logp = ppo_core.token_logprobs(ref_response_logits(ref, seq, seq_mask, n), resp,
                                        temperature) * mask
-    values = _response_logits(all_values[..., None], n)[..., 0] * mask
+    values = values * mask
     if reward is None:
       scores = batch["scores"]
     else:
@@ -121,15 +140,15 @@ def ppo_loss(model: ActorCritic, batch, *, clip: float, value_clip: float, vf_co
              entropy_coef: float, temperature: float):
   n = batch["response"].shape[1]
   mask = batch["mask"]
-  all_logits, all_values = model(batch["seq"], batch["seq_mask"])
-  logits = _response_logits(all_logits, n)
+  logits, values = model.on_response(batch["seq"], batch["seq_mask"], n)
   logp = ppo_core.token_logprobs(logits, batch["response"], temperature) * mask
-  values = _response_logits(all_values[..., None], n)[..., 0]
   pg_loss, pg_metrics = ppo_core.policy_loss(logp, batch["old_logp"], batch["advantages"], mask,
                                              clip)
   vf_loss, vf_metrics = ppo_core.value_loss(values, batch["old_values"], batch["returns"], mask,
                                             value_clip)
-  entropy = ppo_core.masked_mean(ppo_core.token_entropy(logits, temperature), mask)
+  # Without an entropy bonus the entropy is only a metric: no backward pass through it.
+  entropy_logits = logits if entropy_coef else jax.lax.stop_gradient(logits)
+  entropy = ppo_core.masked_mean(ppo_core.token_entropy(entropy_logits, temperature), mask)
   loss = pg_loss + vf_coef * vf_loss - entropy_coef * entropy
   # MoE trunks: load balancing + router z-loss of every network this forward ran (policy and
   # separate critic, or the shared trunk once); 0 and no metrics for dense models.

@@ -31,8 +31,10 @@ def token_logprobs(logits_BxNxV, tokens_BxN, temperature: float = 1.0):
   logits_BxNxV = logits_BxNxV.astype(jnp.float32)  # divide in float32, not bfloat16
   if temperature > 0:
     logits_BxNxV = logits_BxNxV / temperature
-  logp_BxNxV = jax.nn.log_softmax(logits_BxNxV, axis=-1)
-  return jnp.take_along_axis(logp_BxNxV, tokens_BxN[..., None], axis=-1)[..., 0]
+  # logit[token] - logsumexp: a full log_softmax would write (and differentiate) a
+  # [B, N, V] array only to read N values of it.
+  picked_BxN = jnp.take_along_axis(logits_BxNxV, tokens_BxN[..., None], axis=-1)[..., 0]
+  return picked_BxN - jax.nn.logsumexp(logits_BxNxV, axis=-1)
 
 
 def token_entropy(logits_BxNxV, temperature: float = 1.0):

@@ -403,6 +403,19 @@ class TokenLogprobsTest(parameterized.TestCase):
     np.testing.assert_allclose(ent, ref_ent, rtol=1e-5, atol=1e-5)
     self.assertEqual(lp.dtype, np.float32)
 
+  def test_logprob_gradient(self):
+    """d log pi(token) / d logits = (onehot(token) - softmax(logits / T)) / T."""
+    rng = np.random.default_rng(13)
+    b, n, v, temperature = 2, 3, 9, 0.7
+    logits = (rng.normal(size=(b, n, v)) * 3.0).astype(np.float32)
+    tokens = rng.integers(0, v, size=(b, n)).astype(np.int32)
+    w = rng.normal(size=(b, n))  # a weighted sum, so every position's gradient shows
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(
+        ppo_core.token_logprobs(x, tokens, temperature) * w)))(logits)
+    probs = np.exp(_np_log_softmax(logits.astype(np.float64) / temperature))
+    want = (np.eye(v)[tokens] - probs) / temperature * w[..., None]
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-6)
+
   def test_bfloat16_logits_give_float32(self):
     rng = np.random.default_rng(12)
     logits = jnp.asarray(rng.normal(size=(2, 3, 7)), jnp.bfloat16)
