@@ -52,6 +52,7 @@ setup(
             # Reference implementation for the HF-parity tests; 2.13.0 is a CPU build here.
             "torch==2.13.0",
             "transformers>=5.0,<6",
+            "nbformat>=5.9",  # validates launch/colab_tpu.ipynb
         ],
     },
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from rlhf_jax import scale
 from rlhf_jax.models.config import TransformerConfig
 
 
@@ -99,9 +100,11 @@ def sft_config(preset: str = "") -> ml_collections.ConfigDict:
                   max_completion_len=24)
     c.optim.update(learning_rate=2e-5, warmup_steps=1, decay_steps=4, weight_decay=0.0)
     c.train.update(num_steps=4, log_every=1, eval_every=4, checkpoint_every=4, keep_checkpoints=1)
+  elif scale.is_scale_preset(preset):  # LLaMA shapes and meshes for real hardware
+    scale.apply_sft(c, preset)
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/sft.py; presets: '', 'test', 'moe', "
-                     "'smollm2'.")
+                     f"'smollm2', and scale presets {scale.NAMES}.")
   c.lock()
   return c
 
@@ -151,9 +154,11 @@ def rm_config(preset: str = "") -> ml_collections.ConfigDict:
     c.normalize.num_samples = 16
     c.optim.update(learning_rate=2e-5, warmup_steps=1, decay_steps=4)
     c.train.update(num_steps=4, log_every=1, eval_every=4, checkpoint_every=4, keep_checkpoints=1)
+  elif scale.is_scale_preset(preset):  # LLaMA shapes and meshes for real hardware
+    scale.apply_rm(c, preset)
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/rm.py; presets: '', 'test', 'moe', "
-                     "'smollm2'.")
+                     f"'smollm2', and scale presets {scale.NAMES}.")
   c.lock()
   return c
 
@@ -210,8 +215,10 @@ def ppo_config(preset: str = "") -> ml_collections.ConfigDict:
     c.ppo.update(num_iterations=3, ppo_epochs=1, num_minibatches=2)
     c.optim.learning_rate = 3e-6
     c.train.update(checkpoint_every=3, keep_checkpoints=1, sample_every=1)
+  elif scale.is_scale_preset(preset):  # LLaMA shapes and meshes for real hardware
+    scale.apply_ppo(c, preset)
   elif preset:
     raise ValueError(f"unknown preset {preset!r} for configs/ppo.py; presets: '', 'test', 'moe', "
-                     "'smollm2'.")
+                     f"'smollm2', and scale presets {scale.NAMES}.")
   c.lock()
   return c

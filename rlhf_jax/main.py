@@ -2,7 +2,9 @@
 
 Runs the stage named by `config.stage` in `--workdir` (default ./workdir). Metrics go to
 `<workdir>/metrics.jsonl` and TensorBoard files to `<workdir>/tensorboard`; the final metrics
-are printed as one JSON line at the end.
+are printed as one JSON line at the end. Several processes (hosts) run the same command;
+`--distributed` and its flags connect them (see `distributed.py`), and only process 0 logs,
+writes metrics and prints. At start-up the per-device memory estimate is logged (`memory.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where the tokenizer, checkpoints "
                                "(<workdir>/<stage>/checkpoints) and metrics.jsonl go. Rerunning "
                                "with the same workdir resumes from the latest checkpoint.")
+
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process runs: auto = when --coordinator_address is given or a launcher (srun, "
+    "mpirun, a multi-host TPU slice) started several processes; on = always (JAX detects TPU "
+    "pods, SLURM, Open MPI); off = one process.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0, reachable from every process; needs "
+    "--num_processes and --process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (0: detect).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index, 0 .. "
+                                   "num_processes - 1 (-1: detect).")
 
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "", "Persistent XLA compilation cache directory: '' = "
@@ -37,18 +51,32 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/ppo.py")
   if config.stage not in STAGES:
     raise app.UsageError(f"config.stage is {config.stage!r}; stages available: {STAGES}.")
+  # Imported here so that --help and config errors come back fast.
+  from rlhf_jax import distributed, memory  # pylint: disable=g-import-not-at-top
+  # Before anything touches a device: every process must see the global device list.
+  info = distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                _PROCESS_ID.value)
+  distributed.log_topology(info)
+  if not distributed.is_main_process():  # one copy of the logs: process 0's
+    logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   _use_compilation_cache(_COMPILATION_CACHE.value, workdir)
-  with open(os.path.join(workdir, f"config_{config.stage}.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if distributed.is_main_process():
+    with open(os.path.join(workdir, f"config_{config.stage}.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   logging.info("config:\n%s", config)
+  try:
+    logging.info("%s", memory.report(memory.estimate(config)))
+  except Exception as e:  # pylint: disable=broad-except
+    # Advice, not a precondition: a shape the estimate cannot model must not stop the run.
+    logging.warning("memory estimate unavailable: %s: %s", type(e).__name__, e)
 
-  # Imported here so that --help and config errors come back fast.
   from rlhf_jax import ppo, rm, sft  # pylint: disable=g-import-not-at-top
 
   result = {"sft": sft.run, "rm": rm.run, "ppo": ppo.run}[config.stage](config, workdir)
-  print(json.dumps({"stage": config.stage, "workdir": workdir, **result["metrics"]}))
+  if distributed.is_main_process():
+    print(json.dumps({"stage": config.stage, "workdir": workdir, **result["metrics"]}))
 
 
 def _use_compilation_cache(setting: str, workdir: str) -> None:

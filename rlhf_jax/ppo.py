@@ -245,7 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
   arrays = batching.prompt_arrays(train_prompts, tok, d.max_prompt_len)
   arrays["index"] = np.arange(len(train_prompts))
   prompt_batches = batching.EpochIterator(arrays, d.batch_size, config.seed,
-                                          jax.process_index(), jax.process_count())
+                                          *sharding.process_block(mesh))
   if d.batch_size % p.num_minibatches:
     raise ValueError(f"data.batch_size {d.batch_size} must divide by ppo.num_minibatches "
                      f"{p.num_minibatches}.")
@@ -287,12 +287,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
     host = next(prompt_batches)
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), it)
     with sharding.use_mesh(mesh):
-      b = sharding.shard_batch({"tokens": host["tokens"], "mask": host["mask"]}, mesh)
+      b = sharding.shard_batch({k: host[k] for k in ("tokens", "mask", "index")}, mesh)
       out = sampler(state.params["policy"], b["tokens"], b["mask"], rng)
-      resp_tokens, resp_mask = jax.device_get((out["tokens"], out["mask"]))
+      # Every process decodes and scores the whole global batch (its rows are spread over
+      # processes), so host-side numbers are the same everywhere.
+      resp_tokens, resp_mask, index = sharding.to_host((out["tokens"], out["mask"], b["index"]))
       t_rollout = time.perf_counter() - t0
       texts = [tok.decode(t[m.astype(bool)]) for t, m in zip(resp_tokens, resp_mask)]
-      prompts = [train_prompts[i] for i in host["index"]]
+      prompts = [train_prompts[i] for i in index]
       gold = None
       if task is not None:
         gold = np.array([task.gold_reward(q, a) for q, a in zip(prompts, texts)], np.float32)
@@ -300,14 +302,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
                "seq_mask": jnp.concatenate([b["mask"], out["mask"]], axis=1),
                "response": out["tokens"], "mask": out["mask"]}
       if s.reward is None:
-        batch["scores"] = sharding.shard_batch({"scores": gold}, mesh)["scores"]
+        batch["scores"] = sharding.shard_global_batch({"scores": gold}, mesh)["scores"]
       exp, metrics = experience_fn(state.params, s.policy.params,
                                    None if s.reward is None else s.reward.params, batch,
                                    jnp.float32(beta))
-    exp = jax.device_get(exp)
+    exp = sharding.to_host(exp)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     metrics["policy/sample_logprob_gap"] = float(np.abs(
-        jax.device_get(out["logprobs"]) - exp["old_logp"]).max())
+        sharding.to_host(out["logprobs"]) - exp["old_logp"]).max())
     if gold is not None:
       metrics["gold/reward"] = float(gold.mean())
 
@@ -317,8 +319,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
       perm = np.random.default_rng([config.seed, it, epoch]).permutation(d.batch_size)
       for k in range(p.num_minibatches):
         idx = perm[k * mb:(k + 1) * mb]
-        state, m = train_step(state, sharding.shard_batch({key: exp[key][idx] for key in exp_keys},
-                                                          mesh))
+        state, m = train_step(state, sharding.shard_global_batch(
+            {key: exp[key][idx] for key in exp_keys}, mesh))
         m = {key: float(v) for key, v in jax.device_get(m).items()}
         loop.check_finite(it, m)
         update_rows.append(m)

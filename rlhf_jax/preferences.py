@@ -56,9 +56,9 @@ def sample_completions(policy, prompts: list[str], mesh, max_prompt_len: int,
   texts = []
   with sharding.use_mesh(mesh):
     for i in range(0, len(padded), batch_size):
-      b = sharding.shard_batch({k: v[i:i + batch_size] for k, v in arrays.items()}, mesh)
+      b = sharding.shard_global_batch({k: v[i:i + batch_size] for k, v in arrays.items()}, mesh)
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-      out = jax.device_get(sampler(policy.params, b["tokens"], b["mask"], rng))
+      out = sharding.to_host(sampler(policy.params, b["tokens"], b["mask"], rng))
       texts += [tok.decode(t[m.astype(bool)]) for t, m in zip(out["tokens"], out["mask"])]
   return texts[:n]
 

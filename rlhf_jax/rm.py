@@ -188,7 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
     ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"),
                                    config.train.checkpoint_every, config.train.keep_checkpoints)
   batches = batching.EpochIterator(arrays["train"], d.batch_size, config.seed,
-                                   jax.process_index(), jax.process_count())
+                                   *sharding.process_block(mesh))
   state = loop.resume(ckpt, state, batches, writer)
   state, metrics = loop.train_loop(
       step, state, batches, num_steps=config.train.num_steps, log_every=config.train.log_every,
@@ -246,8 +246,9 @@ def score_texts(graphdef, params, tok, prompts, completions, max_prompt_len: int
   out = []
   with sharding.use_mesh(mesh):
     for i in range(0, len(recs), bs):
-      b = sharding.shard_batch({"t": arr["tokens"][i:i + bs], "m": arr["mask"][i:i + bs]}, mesh)
-      out.append(np.asarray(jax.device_get(fwd(params, b["t"], b["m"]))))
+      b = sharding.shard_global_batch({"t": arr["tokens"][i:i + bs], "m": arr["mask"][i:i + bs]},
+                                      mesh)
+      out.append(np.asarray(sharding.to_host(fwd(params, b["t"], b["m"]))))
   return np.concatenate(out)[:len(prompts)]
 
 
@@ -264,8 +265,8 @@ def _make_evaluator(graphdef, eval_arrays, gold, bs, mesh):
     rc, rr = [], []
     with sharding.use_mesh(mesh):
       for i in range(0, len(padded["margin"]), bs):
-        b = sharding.shard_batch({k: v[i:i + bs] for k, v in padded.items()}, mesh)
-        c, r = jax.device_get(scores(state.params, b))
+        b = sharding.shard_global_batch({k: v[i:i + bs] for k, v in padded.items()}, mesh)
+        c, r = sharding.to_host(scores(state.params, b))
         rc.append(c)
         rr.append(r)
     diff = (np.concatenate(rc) - np.concatenate(rr))[:n]

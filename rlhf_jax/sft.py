@@ -166,7 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
     write_json(os.path.join(out_dir, "model_config.json"), model_cfg.to_dict())
     write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_lib.describe(tok))
   batches = batching.EpochIterator(arrays["train"], d.batch_size, config.seed,
-                                   jax.process_index(), jax.process_count())
+                                   *sharding.process_block(mesh))
   state = loop.resume(ckpt, state, batches, writer)
   state, metrics = loop.train_loop(
       step, state, batches, num_steps=config.train.num_steps, log_every=config.train.log_every,
@@ -204,12 +204,12 @@ def make_evaluator(graphdef, config, data, eval_arrays, tok, mesh):
     n = len(eval_arrays["tokens"])
     with sharding.use_mesh(mesh):
       for i in range(0, n - bs + 1, bs):
-        b = sharding.shard_batch({k: v[i:i + bs] for k, v in eval_arrays.items()}, mesh)
+        b = sharding.shard_global_batch({k: v[i:i + bs] for k, v in eval_arrays.items()}, mesh)
         loss, m = eval_loss(state.params, b)
         rows.append({"eval_loss": loss, "eval_token_accuracy": m["token_accuracy"]})
       rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), int(state.step))
-      b = sharding.shard_batch(sample_batch, mesh)
-      out = jax.device_get(sampler(state.params, b["tokens"], b["mask"], rng))
+      b = sharding.shard_global_batch(sample_batch, mesh)
+      out = sharding.to_host(sampler(state.params, b["tokens"], b["mask"], rng))
     metrics = loop.mean_metrics(jax.device_get(rows))
     metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     texts = [tok.decode(t[m.astype(bool)]) for t, m in zip(out["tokens"], out["mask"])]

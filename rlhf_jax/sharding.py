@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -170,17 +171,52 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def shard_batch(batch, mesh: Mesh):
-  """Places this process's slice of a global batch (leading batch dim) on the mesh.
+def process_rows(mesh: Mesh, n: int) -> np.ndarray:
+  """Global row indices of an n-row batch that this process holds, in its local order.
 
-  With one process the slice is the whole batch; with several, each passes its own rows and
-  `make_array_from_process_local_data` assembles the global array.
+  These are the rows `make_array_from_process_local_data` places this process's local batch
+  at: its devices' slices of the batch dim, sorted and deduplicated (devices that differ
+  only along non-batch axes hold the same rows).
+  """
+  index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((n,))
+  starts = sorted({(s[0].start or 0, s[0].stop if s[0].stop is not None else n)
+                   for s in index_map.values()})
+  return np.concatenate([np.arange(a, b) for a, b in starts])
+
+
+@functools.lru_cache(maxsize=64)
+def process_block(mesh: Mesh) -> tuple[int, int]:
+  """(block, num_blocks): the batch dim splits into `num_blocks` equal contiguous blocks
+  and this process feeds block `block` (what `EpochIterator` takes as process index/count).
+
+  One process: (0, 1). Processes that differ only along a non-batch axis (e.g. `tensor`
+  spanning hosts) feed the same block. It is the block's place in the mesh, not the process
+  index, so the global batch is the same whatever the number of processes.
   """
   n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  rows = process_rows(mesh, n)
+  local = len(rows)
+  if not np.array_equal(rows, np.arange(rows[0], rows[0] + local)) or rows[0] % local:
+    raise ValueError(
+        f"process {jax.process_index()} holds batch shards {rows.tolist()} of {n}: not one "
+        f"contiguous block, so per-process data loading cannot feed it. Order the mesh so that "
+        f"each process's devices are adjacent along {' x '.join(BATCH_AXES)} (e.g. put the "
+        "axis that spans hosts first: --config.mesh.data=<num processes>).")
+  return int(rows[0]) // local, n // local
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Places this process's rows of a global batch (leading batch dim) on the mesh.
+
+  With one process its rows are the whole batch; with several, each passes its own block
+  (`process_block`) and `make_array_from_process_local_data` assembles the global array.
+  """
+  n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  num_blocks = process_block(mesh)[1]
 
   def put(path, x):
     x = np.asarray(x)
-    global_rows = x.shape[0] * jax.process_count() if x.ndim else 0
+    global_rows = x.shape[0] * num_blocks if x.ndim else 0
     if x.ndim == 0 or global_rows % n:
       raise ValueError(f"batch field {_path_str(path)!r} has global shape "
                        f"{(global_rows,) + x.shape[1:]}; its leading dim must divide "
@@ -188,6 +224,24 @@ def shard_batch(batch, mesh: Mesh):
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
   return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def shard_global_batch(batch, mesh: Mesh):
+  """Like `shard_batch`, for a batch every process holds whole (eval sets, PPO minibatches
+  cut from gathered experience): each process passes on only its own rows."""
+  def mine(x):
+    x = np.asarray(x)
+    return x[process_rows(mesh, x.shape[0])] if x.ndim and jax.process_count() > 1 else x
+  return shard_batch(jax.tree.map(mine, batch), mesh)
+
+
+def to_host(tree):
+  """Numpy copies of (global) arrays, whole on every process: `device_get` for one process;
+  with several, the rows other processes hold are gathered (`process_allgather`)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 @contextlib.contextmanager

@@ -88,7 +88,8 @@ def train_loop(step_fn: Callable, state, batches, *, num_steps: int, log_every: 
   t0 = window_start = time.perf_counter()
   window_steps = 0
   bar = tqdm.tqdm(total=num_steps, initial=start, desc=writer.stage, unit="step",
-                  disable=None if sys.stderr.isatty() else True, dynamic_ncols=True)
+                  disable=None if sys.stderr.isatty() and jax.process_index() == 0 else True,
+                  dynamic_ncols=True)
   for i in range(start + 1, num_steps + 1):
     state, metrics = step_fn(state, shard(next(batches)))
     window_steps += 1

@@ -1,0 +1,300 @@
+"""Per-device memory estimate of a stage: every network it holds, before anything is allocated.
+
+For each network (PPO: the trained policy and critic, the frozen reference policy and reward
+model) the parameter bytes per device are exact: the model is built abstractly
+(`nnx.eval_shape`) and each parameter's shard shape follows from its logical axes, the
+rules table and the mesh, as `sharding.param_shardings` places it. Trained networks add
+gradients and AdamW's two moments (in the parameter dtype, as optax keeps them), plus a
+gradient accumulator with `optim.grad_accum_steps` > 1.
+
+Activations are an analytic model of what a step keeps per device (batch rows split over
+data x fsdp x expert; heads, MLP and vocab over tensor; no rematerialisation), per token
+and layer, bytes of the compute dtype unless noted:
+    residual stream and the two norm outputs         4 D
+    q, k, v; q, k after RoPE; attention output        (3 N + 3 K) H / tensor
+    SwiGLU gate, up, silu(gate), product             4 F / tensor
+    attention logits and weights (float32)            8 N T / tensor
+and float32 logits, log-softmax and their gradient, 12 V / tensor, at each position whose
+logits are read (SFT: all but the last; PPO: the response; sampling: the last prompt
+token). A training step keeps all layers for the backward pass; a forward-only pass (PPO
+experience, eval) one layer at a time plus its logits. Generation holds a KV cache of
+2 L T K H (compute dtype) per row. Phases do not overlap: the peak is the resident
+parameters/optimizer state plus the largest phase. MoE layers are counted as dense for
+activations; XLA's fusion decisions move the real figure by tens of percent, and
+`compiled_step_memory` reads XLA's own number for a jitted step when one is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import sharding
+from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, ValueModel
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass
+class Part:
+  name: str  # e.g. "policy params"
+  bytes: float
+
+
+@dataclasses.dataclass
+class Estimate:
+  stage: str
+  mesh: dict[str, int]
+  resident: list[Part]  # alive for the whole stage
+  phases: list[Part]  # transient, one at a time
+  param_counts: dict[str, int]  # network -> parameters
+  notes: list[str]
+
+  @property
+  def peak_phase(self) -> Part:
+    return max(self.phases, key=lambda p: p.bytes)
+
+  @property
+  def total_bytes(self) -> float:
+    return sum(p.bytes for p in self.resident) + self.peak_phase.bytes
+
+
+def resolve_mesh(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Axis sizes of `config.mesh` on `num_devices` devices (one axis may be -1)."""
+  cfg = dict(mesh_cfg)
+  n = int(cfg.pop("num_devices", 0) or 0) or num_devices
+  sizes = {a: int(cfg.get(a, 1)) for a in sharding.MESH_AXES}
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  for a, s in sizes.items():
+    if s == -1:
+      sizes[a] = max(n // fixed, 1)
+  return sizes
+
+
+def _shard_elems(shape, logical, mesh: Mapping[str, int], rules) -> int:
+  if logical is None:
+    return math.prod(shape)
+  out = 1
+  for dim, axes in zip(shape, sharding.logical_to_spec(logical, rules)):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    out *= -(-dim // math.prod(mesh[a] for a in names))
+  return out
+
+
+def network_params(model_cls, cfg: TransformerConfig, mesh: Mapping[str, int],
+                   rules=sharding.LOGICAL_AXIS_RULES) -> tuple[int, int]:
+  """(bytes per device, parameter count) of `model_cls(cfg, rngs)`, never allocated."""
+  per_device, count = 0, 0
+  for shape, dtype, logical in _abstract_params(model_cls, cfg):
+    per_device += _shard_elems(shape, logical, mesh, rules) * np.dtype(dtype).itemsize
+    count += math.prod(shape)
+  return per_device, count
+
+
+@functools.lru_cache(maxsize=32)  # building a 7B model abstractly takes a second or two
+def _abstract_params(model_cls, cfg: TransformerConfig):
+  """(shape, dtype, logical axes) of every parameter."""
+  _, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(0))))
+  return tuple((tuple(v.shape), v.dtype, v.get_metadata().get("logical_axes"))
+               for v in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def _vocab_size(sft_cfg) -> tuple[int, str]:
+  """The vocabulary the stage will have once its tokenizer exists, and where it came from."""
+  t = sft_cfg.tokenizer
+  if t.kind == "byte":
+    from rlhf_jax.data.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
+    return ByteTokenizer.vocab_size, "byte tokenizer"
+  init_from = sft_cfg.get("init_from", "")
+  cfg_json = os.path.join(init_from, "config.json") if init_from else ""
+  if cfg_json and os.path.exists(cfg_json):
+    with open(cfg_json) as f:
+      return int(json.load(f)["vocab_size"]), cfg_json
+  return int(t.vocab_size), "tokenizer.vocab_size"
+
+
+def _model_config(sft_cfg) -> tuple[TransformerConfig, str]:
+  vocab, source = _vocab_size(sft_cfg)
+  return TransformerConfig.from_config(dict(sft_cfg.model, vocab_size=vocab)), source
+
+
+class _Activations:
+  """Bytes per device of activations for one network shape on one mesh."""
+
+  def __init__(self, cfg: TransformerConfig, mesh: Mapping[str, int]):
+    self.cfg = cfg
+    self.rows = math.prod(mesh[a] for a in sharding.BATCH_AXES)
+    self.tp = mesh["tensor"]
+    self.dt = np.dtype(cfg.jnp_dtype).itemsize
+
+  def local_rows(self, batch: int) -> int:
+    return -(-batch // self.rows)
+
+  def per_token_layer(self, t: int) -> float:
+    c = self.cfg
+    n, k, h = c.num_heads, c.num_kv_heads, c.resolved_head_dim
+    f = (c.moe.expert_mlp_dim or c.mlp_dim) if c.moe.num_experts else c.mlp_dim
+    return (self.dt * (4 * c.d_model + (3 * n + 3 * k) * h / self.tp + 4 * f / self.tp)
+            + 8 * n * t / self.tp)
+
+  def logits_per_token(self) -> float:
+    return 12 * self.cfg.vocab_size / self.tp
+
+  def train(self, batch: int, t: int, logit_positions: int | None = None) -> float:
+    """`logit_positions` per row get LM logits (default all t; 0: a scalar head)."""
+    rows = self.local_rows(batch)
+    logits = t if logit_positions is None else logit_positions
+    return rows * (t * self.cfg.num_layers * self.per_token_layer(t)
+                   + logits * self.logits_per_token())
+
+  def forward(self, batch: int, t: int, logit_positions: int | None = None) -> float:
+    rows = self.local_rows(batch)
+    logits = t if logit_positions is None else logit_positions
+    return rows * (t * self.per_token_layer(t) + logits * self.logits_per_token())
+
+  def generate(self, batch: int, prompt_len: int, new_tokens: int) -> float:
+    c = self.cfg
+    rows, t = self.local_rows(batch), prompt_len + new_tokens
+    cache = 2 * c.num_layers * rows * t * c.num_kv_heads * c.resolved_head_dim * self.dt / self.tp
+    return cache + self.forward(batch, prompt_len, 1)  # + the prefill (last position's logits)
+
+
+def _trained(name: str, param_bytes: float, accum: int) -> list[Part]:
+  parts = [Part(f"{name} params", param_bytes), Part(f"{name} grads", param_bytes),
+           Part(f"{name} AdamW moments", 2 * param_bytes)]
+  if accum > 1:
+    parts.append(Part(f"{name} grad accumulator", param_bytes))
+  return parts
+
+
+def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> Estimate:
+  """Per-device estimate for `config` (any stage) on `num_devices` (default: all devices)."""
+  num_devices = num_devices or jax.device_count()
+  mesh = resolve_mesh(config.mesh, num_devices)
+  # The SFT config decides the network shape of every stage (RM and critic reuse it).
+  sft_cfg = {"sft": lambda: config, "rm": lambda: config.sft, "ppo": lambda: config.rm.sft}[
+      config.stage]()
+  model_cfg, vocab_source = _model_config(sft_cfg)
+  act = _Activations(model_cfg, mesh)
+  d = config.data
+  t = d.max_prompt_len + d.max_completion_len
+  accum = config.optim.grad_accum_steps
+  policy_b, policy_n = network_params(PolicyModel, model_cfg, mesh)
+  counts = {"policy": policy_n}
+  notes = [f"vocab {model_cfg.vocab_size} ({vocab_source})"]
+  resident, phases = [], []
+  if config.stage == "sft":
+    resident += _trained("policy", policy_b, accum)
+    phases.append(Part(f"train step activations ({d.batch_size // accum} rows x {t})",
+                       act.train(d.batch_size // accum, t, t - 1)))
+    phases.append(Part("eval sampling (KV cache + prefill)",
+                       act.generate(d.batch_size, d.max_prompt_len, d.max_completion_len)))
+  elif config.stage == "rm":
+    rm_b, rm_n = network_params(RewardModel, model_cfg, mesh)
+    counts["reward model"] = rm_n
+    resident += _trained("reward model", rm_b, accum)
+    resident.append(Part("SFT policy params (frozen)", policy_b))
+    rows = 2 * d.batch_size // accum  # chosen and rejected in one forward
+    phases.append(Part(f"train step activations ({rows} rows x {t})",
+                       act.train(rows, t, logit_positions=0)))
+    phases.append(Part("preference sampling (KV cache + prefill)",
+                       act.generate(d.generation_batch_size, d.max_prompt_len,
+                                    d.max_completion_len)))
+  else:
+    p = config.ppo
+    critic_full = p.critic in ("reward", "sft")
+    critic_b, critic_n = network_params(ValueModel if critic_full else _ValueHeadOnly,
+                                        model_cfg, mesh)
+    counts["critic"] = critic_n
+    resident += _trained("policy", policy_b, accum) + _trained("critic", critic_b, accum)
+    resident.append(Part("reference policy params (frozen)", policy_b))
+    if p.reward == "model":
+      rm_b, rm_n = network_params(RewardModel, model_cfg, mesh)
+      counts["reward model"] = rm_n
+      resident.append(Part("reward model params (frozen)", rm_b))
+    b, mb = d.batch_size, d.batch_size // p.num_minibatches // accum
+    phases.append(Part(f"rollout ({b} prompts: KV cache + prefill)",
+                       act.generate(b, d.max_prompt_len, d.max_completion_len)))
+    # Policy and reference logits (on the response only) are alive together; critic and RM
+    # have scalar heads.
+    c = d.max_completion_len
+    experience = 2 * act.forward(b, t, c) + (1 + (p.reward == "model")) * act.forward(b, t, 0)
+    phases.append(Part(f"experience forward ({b} x {t}, 4 networks)", experience))
+    train = act.train(mb, t, c) + (act.train(mb, t, 0) if critic_full else 0)
+    phases.append(Part(f"train step activations ({mb} rows x {t})", train))
+  if model_cfg.moe.num_experts:
+    notes.append("MoE: expert weights exact, activations counted as a dense FFN")
+  return Estimate(config.stage, mesh, resident, phases, counts, notes)
+
+
+class _ValueHeadOnly(nnx.Module):
+  """What a shared-trunk critic adds to the policy: one value head."""
+
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    from rlhf_jax.models.heads import ScalarHead  # pylint: disable=g-import-not-at-top
+    self.value_head = ScalarHead(cfg, 0.0, rngs)
+
+
+def report(est: Estimate, device_bytes: float | None = None) -> str:
+  """Human-readable lines; compares with `device_bytes` (default: what a local device reports)."""
+  if device_bytes is None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    device_bytes = stats.get("bytes_limit")
+  mesh = " x ".join(f"{a}={s}" for a, s in est.mesh.items())
+  nets = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in est.param_counts.items())
+  lines = [f"[{est.stage}] memory per device (estimate; mesh {mesh}; {nets} parameters; "
+           f"{'; '.join(est.notes)}):"]
+  for p in est.resident:
+    lines.append(f"  {p.name:<42s} {_size(p.bytes)}")
+  peak = est.peak_phase
+  for p in est.phases:
+    lines.append(f"  {p.name:<42s} {_size(p.bytes)}{'  <- peak' if p is peak else ''}")
+  lines.append(f"  {'total (resident + peak phase)':<42s} {_size(est.total_bytes)}")
+  if device_bytes:
+    verdict = "fits" if est.total_bytes <= 0.9 * device_bytes else (
+        "DOES NOT FIT: add fsdp/tensor devices, raise optim.grad_accum_steps, lower the batch "
+        "or use model.param_dtype=bfloat16")
+    lines.append(f"  device memory {device_bytes / GIB:.1f} GiB: {verdict}")
+  return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+  return f"{n / GIB:9.2f} GiB" if n >= GIB else f"{n / 2**20:9.1f} MiB"
+
+
+def compiled_step_memory(step_fn, *abstract_args) -> dict[str, int]:
+  """XLA's own per-device figures for a jitted step on abstract (ShapeDtypeStruct) args:
+  compiles, allocates nothing. Keys: argument, output, temp, alias bytes."""
+  stats = step_fn.lower(*abstract_args).compile().memory_analysis()
+  return {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp",
+                                                                   "alias")}
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  device_bytes = _DEVICE_GIB.value * GIB if _DEVICE_GIB.value else None
+  print(report(estimate(cfg, _NUM_DEVICES.value or None), device_bytes or 0.0))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ppo.py:7b.",
+                                            lock_config=True)
+  _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices the mesh spans (0: this "
+                                      "machine's), e.g. 16 for a TPU v4-32 slice.")
+  _DEVICE_GIB = flags.DEFINE_float("device_gib", 0.0, "Memory per device to compare with, "
+                                   "in GiB (0: do not compare).")
+  flags.mark_flag_as_required("config")
+  app.run(main)

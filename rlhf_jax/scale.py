@@ -1,0 +1,170 @@
+"""Scale presets: LLaMA-shaped networks of ~125M, ~1.1B and ~7B parameters, with a mesh and
+memory settings for each target machine.
+
+    --config=configs/ppo.py:1b            fsdp over every device (any machine)
+    --config=configs/ppo.py:1b-8gpu       the tuned settings for 8 x 80 GB GPUs
+    --config=configs/sft.py:7b-v5e-16     ... for a TPU v5e-16 slice (16 chips x 16 GiB)
+
+Targets: `1gpu` (one 80 GB A100/H100), `8gpu` (one node of 8), `v4-32` (TPU v4-32: 16 chips
+of 32 GiB, 4 hosts) and `v5e-16` (16 chips of 16 GiB, 4 hosts). `python -m rlhf_jax.memory
+--config=configs/ppo.py:7b-8gpu --num_devices=8 --device_gib=80` prints the per-device
+estimate of a preset on its machine without needing the machine; README lists them.
+
+The shapes are LLaMA's (vocabulary 32000): 125m is GPT-3-small sized (d 768, 12 layers),
+1b is TinyLlama-1.1B, 7b is LLaMA-2-7B. On the bundled task the tokenizer is a 32000-piece
+SentencePiece model trained on the fly and the networks start from scratch; for real work
+start SFT from a checkpoint of that shape (`--config.rm.sft.init_from=DIR` with
+`--config.rm.sft.tokenizer.kind=hf --config.rm.sft.tokenizer.model_path=DIR`), which then
+decides the architecture.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SIZES = {
+    "125m": dict(d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, mlp_dim=2048),
+    "1b": dict(d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4, mlp_dim=5632),
+    "7b": dict(d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32, mlp_dim=11008),
+}
+HARDWARE = {  # devices, GiB per device
+    "1gpu": (1, 80), "8gpu": (8, 80), "v4-32": (16, 32), "v5e-16": (16, 16),
+}
+# Per (size, target): mesh, micro-batches per update (`grad_accum`) and `bf16` (parameters,
+# hence AdamW moments, in bfloat16): the first setting, preferring plain data parallelism,
+# float32 master weights and no accumulation, whose estimate (`memory.py`) stays under 85-90%
+# of the device memory for SFT, RM and PPO alike; the README lists the figures.
+TUNED = {
+    ("125m", "1gpu"): dict(mesh=dict(data=1), grad_accum=1),
+    ("125m", "8gpu"): dict(mesh=dict(data=8), grad_accum=1),
+    ("125m", "v4-32"): dict(mesh=dict(data=16), grad_accum=1),
+    ("125m", "v5e-16"): dict(mesh=dict(data=16), grad_accum=1),
+    ("1b", "1gpu"): dict(mesh=dict(data=1), grad_accum=4),
+    ("1b", "8gpu"): dict(mesh=dict(data=8), grad_accum=1),
+    ("1b", "v4-32"): dict(mesh=dict(fsdp=16), grad_accum=1),
+    ("1b", "v5e-16"): dict(mesh=dict(fsdp=16), grad_accum=1),
+    ("7b", "8gpu"): dict(mesh=dict(fsdp=8), grad_accum=1),
+    ("7b", "v4-32"): dict(mesh=dict(fsdp=16), grad_accum=1),
+    ("7b", "v5e-16"): dict(mesh=dict(fsdp=16), grad_accum=2, bf16=True),
+}
+UNSUPPORTED = {
+    ("7b", "1gpu"): "PPO holds four 7B networks (policy and critic trained, reference and RM "
+                    "frozen): their parameters, gradients and AdamW moments alone are ~124 GiB "
+                    "even in bfloat16 (~169 GiB with activations), the RM stage ~88 GiB; use "
+                    "7b-8gpu",
+}
+NAMES = tuple(SIZES) + tuple(f"{s}-{h}" for s in SIZES for h in HARDWARE if (s, h) in TUNED)
+
+# Learning rates of fine-tuning a pretrained network of that size (SFT, RM, PPO).
+_LR = {"125m": (1e-4, 3e-5, 3e-6), "1b": (5e-5, 2e-5, 2e-6), "7b": (2e-5, 1e-5, 1e-6)}
+
+
+def is_scale_preset(preset: str) -> bool:
+  return preset.split("-", 1)[0] in SIZES
+
+
+def _parse(preset: str) -> tuple[str, str | None, dict]:
+  size, _, target = preset.partition("-")
+  if size not in SIZES or (target and target not in HARDWARE):
+    raise ValueError(f"unknown scale preset {preset!r}; choose a size {tuple(SIZES)}, optionally "
+                     f"with a target {tuple(HARDWARE)}, e.g. '7b-8gpu'.")
+  if (size, target) in UNSUPPORTED:
+    raise ValueError(f"scale preset {preset!r} does not fit: {UNSUPPORTED[(size, target)]}.")
+  tuned = TUNED[(size, target)] if target else dict(mesh=dict(fsdp=-1), grad_accum=1)
+  return size, target or None, tuned
+
+
+def _mesh(c: ml_collections.ConfigDict, tuned: dict):
+  # A target's mesh is fixed (no -1): on another machine the mesh error says so, rather than
+  # a layout the memory estimate did not check running out of memory later.
+  c.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+  c.mesh.update(tuned["mesh"])
+
+
+def apply_sft(c: ml_collections.ConfigDict, preset: str) -> None:
+  size, _, tuned = _parse(preset)
+  c.model.update(SIZES[size])
+  c.model.update(rope_theta=10_000.0, rms_norm_eps=1e-5, dtype="bfloat16",
+                 param_dtype="bfloat16" if tuned.get("bf16") else "float32")
+  c.tokenizer.update(kind="sentencepiece", vocab_size=32000)
+  c.data.update(batch_size=64, max_prompt_len=128, max_completion_len=128)
+  c.optim.update(learning_rate=_LR[size][0], warmup_steps=50, decay_steps=1000,
+                 grad_accum_steps=tuned["grad_accum"])
+  c.train.update(num_steps=1000, log_every=10, eval_every=250, checkpoint_every=250)
+  _mesh(c, tuned)
+
+
+def apply_rm(c: ml_collections.ConfigDict, preset: str) -> None:
+  """`c.sft` must already be the same preset's SFT config."""
+  _, _, tuned = _parse(preset)
+  c.data.update(batch_size=64, generation_batch_size=64, max_prompt_len=128,
+                max_completion_len=128)
+  c.optim.update(learning_rate=_LR[preset.split("-")[0]][1], grad_accum_steps=tuned["grad_accum"])
+  _mesh(c, tuned)
+
+
+def apply_ppo(c: ml_collections.ConfigDict, preset: str) -> None:
+  """`c.rm` must already be the same preset's RM config."""
+  _, _, tuned = _parse(preset)
+  c.data.update(batch_size=64, max_prompt_len=128, max_completion_len=128)
+  c.ppo.update(num_minibatches=4)
+  _mesh(c, tuned)
+  # A micro-batch needs a row per batch shard: split a minibatch no further than that.
+  shards = c.mesh.data * c.mesh.fsdp * c.mesh.expert
+  minibatch = c.data.batch_size // c.ppo.num_minibatches
+  c.optim.update(learning_rate=_LR[preset.split("-")[0]][2],
+                 grad_accum_steps=max(1, min(tuned["grad_accum"], minibatch // max(shards, 1))))
+
+
+def stage_prefixes(stage: str) -> tuple[str, ...]:
+  """Where the stage configs sit inside a config of `stage`: '' is itself, 'rm.' its RM..."""
+  return {"sft": ("",), "rm": ("", "sft."), "ppo": ("", "rm.", "rm.sft.")}[stage]
+
+
+def fit_overrides(config_fn, preset: str, num_devices: int, device_bytes: float | None,
+                  base: dict[str, object] | None = None, headroom: float = 0.85
+                  ) -> dict[str, object]:
+  """Overrides (dotted key -> value): `base`, plus plain data parallelism over `num_devices`
+  with the fewest micro-batches whose memory estimate stays under `headroom` x `device_bytes`
+  in every stage (e.g. a Colab TPU, whatever its generation). Without `device_bytes` (CPU),
+  no micro-batching."""
+  from rlhf_jax import memory  # pylint: disable=g-import-not-at-top
+  overrides: dict[str, object] = dict(base or {})
+  for prefix in stage_prefixes(config_fn(preset).stage):
+    overrides.update({f"{prefix}mesh.data": -1, f"{prefix}mesh.fsdp": 1,
+                      f"{prefix}mesh.tensor": 1, f"{prefix}mesh.expert": 1})
+  if not device_bytes:
+    return overrides
+  for accum in (1, 2, 4, 8, 16):
+    cfg = config_fn(preset)
+    trial = dict(overrides, **{f"{p}optim.grad_accum_steps": accum
+                               for p in stage_prefixes(cfg.stage)})
+    apply_overrides(cfg, trial)
+    worst = max(memory.estimate(c, num_devices).total_bytes for c in stage_configs(cfg))
+    if worst <= headroom * device_bytes:
+      return trial
+  raise ValueError(f"preset {preset!r} does not fit {num_devices} device(s) of "
+                   f"{device_bytes / 2**30:.1f} GiB even with 16 micro-batches; choose a "
+                   "smaller preset.")
+
+
+def _get(cfg, dotted: str):
+  for part in dotted.split("."):
+    cfg = cfg[part]
+  return cfg
+
+
+def apply_overrides(cfg, overrides: dict[str, object]):
+  """Sets dotted keys as `--config.<key>=<value>` would (a missing key is an error)."""
+  for key, value in overrides.items():
+    parent, _, leaf = key.rpartition(".")
+    node = _get(cfg, parent) if parent else cfg
+    if leaf not in node:
+      raise KeyError(f"config has no key {key!r}.")
+    node[leaf] = value
+  return cfg
+
+
+def stage_configs(cfg) -> list:
+  """The config of every stage a run goes through: [ppo, rm, sft] for a PPO config, etc."""
+  return [_get(cfg, p[:-1]) if p else cfg for p in stage_prefixes(cfg.stage)]
