@@ -2,6 +2,7 @@
 auxiliary losses, dense equivalence, KV-cache decoding, sharding with an `expert` axis, and a
 short SFT run."""
 
+import dataclasses
 import functools
 import os
 
@@ -221,7 +222,7 @@ class RoutingTest(parameterized.TestCase):
   def test_one_expert_equals_dense(self, dropless):
     """E = 1, top-1, capacity >= T: the MoE layer is exactly its SwiGLU expert."""
     cfg = make_cfg(num_layers=1, num_experts=1, top_k=1, dropless=dropless, min_capacity=64)
-    dense_cfg = TransformerConfig(**{**cfg.to_dict(), "moe": MoEConfig()})
+    dense_cfg = dataclasses.replace(cfg, moe=MoEConfig())
     graphdef, state, p = randomize(lambda: heads.PolicyModel(cfg, nnx.Rngs(0)), seed=7)
     dense_graphdef, dense_state = nnx.split(
         nnx.eval_shape(lambda: heads.PolicyModel(dense_cfg, nnx.Rngs(0))))
