@@ -19,6 +19,18 @@ import sentencepiece as spm
 from rlhf_jax.fileio import atomic_write
 
 
+
+def content_ids(tok, ids: Sequence[int]) -> list[int]:
+  """The ids a decoder turns into text: up to the first EOS, without pad and BOS."""
+  kept = []
+  for i in ids:
+    i = int(i)
+    if i == tok.eos_id:
+      break
+    if i not in (tok.pad_id, tok.bos_id):
+      kept.append(i)
+  return kept
+
 class Tokenizer(Protocol):
   pad_id: int
   bos_id: int
@@ -123,18 +135,12 @@ class SentencePieceTokenizer:
     return self.encode(text)
 
   def decode(self, ids: Sequence[int]) -> str:
-    kept = []
-    for i in ids:
-      i = int(i)
-      if i == self.eos_id:
-        break
-      if i in (self.pad_id, self.bos_id):
-        continue
+    kept = content_ids(self, ids)
+    for i in kept:
       if not 0 <= i < self.vocab_size:
         raise ValueError(
             f"token id {i} is outside the SentencePiece vocabulary [0, {self.vocab_size}) of "
             f"{self.model_path!r}; was the model's vocab_size padded past the tokenizer's?")
-      kept.append(i)
     return self._sp.decode(kept)
 
 
