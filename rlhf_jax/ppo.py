@@ -59,26 +59,28 @@ class ActorCritic(nnx.Module):
   def on_response(self, seq_BxT, mask_BxT, n: int):
     """(policy logits [B, N, V], values [B, N]) at the positions that predict the last N
     tokens of `seq_BxT`, the response. What PPO's experience pass and loss both use."""
-    h_BxTxD, _ = self.policy.trunk(seq_BxT, mask_BxT)
-    logits_BxNxV = self.policy.logits(response_positions(h_BxTxD, n))
+    keep = response_positions(n)
+    h_BxNxD, _ = self.policy.trunk(seq_BxT, mask_BxT, keep=keep)
+    logits_BxNxV = self.policy.logits(h_BxNxD)
     if self.critic is not None:
-      return logits_BxNxV, response_positions(self.critic(seq_BxT, mask_BxT), n)
-    return logits_BxNxV, self.value_head(response_positions(h_BxTxD, n))
+      return logits_BxNxV, self.critic(seq_BxT, mask_BxT, keep=keep)
+    return logits_BxNxV, self.value_head(h_BxNxD)
 
 
-def response_positions(x_BxL, n: int):
+def response_positions(n: int) -> slice:
   """The positions that predict the N response tokens, P-1 .. P+N-2 of the sequence.
 
-  Slice the trunk output before the LM head, not the logits after it: the prompt positions'
-  logits would be a [B, P, V] float32 buffer (and gradient) and head FLOPs for nothing.
+  The trunks return hidden states at these positions only (`Transformer`'s `keep`): the
+  prompt positions' logits would be a [B, P, V] float32 buffer (and gradient) and head FLOPs
+  for nothing, and their last-block queries and MLP are not needed either.
   """
-  return x_BxL[:, -n - 1:-1]
+  return slice(-n - 1, -1)
 
 
 def ref_response_logits(ref: PolicyModel, seq_BxT, mask_BxT, n: int):
   """The frozen reference policy's logits at the response positions, [B, N, V]."""
-  h_BxTxD, _ = ref.trunk(seq_BxT, mask_BxT)
-  return ref.logits(response_positions(h_BxTxD, n))
+  h_BxNxD, _ = ref.trunk(seq_BxT, mask_BxT, keep=response_positions(n))
+  return ref.logits(h_BxNxD)
 
 
 def make_experience_fn(ac_graphdef, ref_graphdef, reward: rm.RewardFunction | None, cfg,

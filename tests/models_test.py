@@ -379,6 +379,32 @@ class ModelsTest(parameterized.TestCase):
                        params)
     self.assertEqual(h.shape, (4, 1, cfg.d_model))
 
+  def test_keep_slice_matches_full_forward(self):
+    """`keep` (what PPO uses for the response positions) runs the last block's queries for
+    the kept positions only; values and gradients equal the full forward's, sliced."""
+    cfg = tiny_cfg(num_kv_heads=2, num_layers=2)
+    value = random_model("value", cfg, seed=9)
+    graphdef, params = nnx.split(value)
+    rng = np.random.default_rng(9)
+    tokens, mask = left_padded_batch(rng, [9, 4, 6], 9, cfg.vocab_size)
+    keep = slice(-4, -1)
+    w = jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)
+
+    def loss(params, full):
+      model = nnx.merge(graphdef, params)
+      v = model(tokens, mask)[:, keep] if full else model(tokens, mask, keep=keep)
+      return (v * w).sum(), v
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (_, got), g = grad(params, False)
+    (_, want), want_g = grad(params, True)
+    self.assertEqual(got.shape, (3, 3))
+    self.assertGreater(np.ptp(np.asarray(want)), 1e-2)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
   def test_last_token_index(self):
     masks = np.array([
         [0, 0, 1, 1, 1],  # left padded

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import TransformerConfig
-from rlhf_jax.models.layers import param
+from rlhf_jax.models.layers import dense, param
 from rlhf_jax.models.transformer import KVCache, Transformer
 
 
@@ -42,8 +42,7 @@ class PolicyModel(nnx.Module):
     else:
       w_DxV = self.lm_head_DxV[...]
     # float32 logits: log-probs and KL in RL are differences of large numbers.
-    return jnp.einsum("BTD,DV->BTV", h_BxTxD.astype(dt), w_DxV.astype(dt),
-                      preferred_element_type=jnp.float32)
+    return dense(h_BxTxD.astype(dt), w_DxV.astype(dt), preferred_element_type=jnp.float32)
 
 
 class ScalarHead(nnx.Module):
@@ -65,9 +64,9 @@ class ValueModel(nnx.Module):
     self.trunk = Transformer(cfg, rngs)
     self.value_head = ScalarHead(cfg, 0.0, rngs)
 
-  def __call__(self, tokens_BxT, mask_BxT) -> jax.Array:
-    """Value estimate per token, [B, T] float32."""
-    h_BxTxD, _ = self.trunk(tokens_BxT, mask_BxT)
+  def __call__(self, tokens_BxT, mask_BxT, keep: slice | None = None) -> jax.Array:
+    """Value estimate per token, [B, T] float32; with `keep`, at those positions only."""
+    h_BxTxD, _ = self.trunk(tokens_BxT, mask_BxT, keep=keep)
     return self.value_head(h_BxTxD)
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from rlhf_jax import sharding
 from rlhf_jax.models.config import TransformerConfig
-from rlhf_jax.models.layers import Attention, RMSNorm, SwiGLU, param, take_at
+from rlhf_jax.models.layers import Attention, RMSNorm, Rotary, SwiGLU, param, rotary, take_at
 from rlhf_jax.models.moe import MoE
 
 
@@ -71,15 +71,16 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg)
     self.mlp = MoE(cfg, rngs, layer) if cfg.moe.is_moe_layer(layer) else SwiGLU(cfg, rngs)
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None,
-               token_mask_BxT=None, query_at_B=None):
-    """(x_BxTxD, updated cache or None); with `query_at_B`, x at that position only, [B, 1, D]."""
-    attn_BxTxD, kv = self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS,
-                               kv_cache, cache_index, query_at_B)
-    if query_at_B is not None:
-      x_BxTxD = take_at(x_BxTxD, query_at_B)
+  def __call__(self, x_BxTxD, rot: Rotary, mask_BxTxS, kv_cache=None, cache_index=None,
+               token_mask_BxT=None, queries=None):
+    """(x_BxTxD, updated cache or None); with `queries` (see `Attention`), x at those
+    positions only."""
+    attn_BxTxD, kv = self.attn(self.attn_norm(x_BxTxD), rot, mask_BxTxS,
+                               kv_cache, cache_index, queries)
+    if queries is not None:
+      x_BxTxD = take_at(x_BxTxD, queries)
       if token_mask_BxT is not None:
-        token_mask_BxT = take_at(token_mask_BxT, query_at_B)
+        token_mask_BxT = take_at(token_mask_BxT, queries)
     x_BxTxD = x_BxTxD + attn_BxTxD
     h_BxTxD = self.mlp_norm(x_BxTxD)
     if isinstance(self.mlp, MoE):
@@ -103,7 +104,8 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg)
 
   def __call__(self, tokens_BxT: jax.Array, mask_BxT: jax.Array, cache: KVCache | None = None,
-               last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+               last_only: bool = False, keep: slice | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
     """Hidden states [B, T, D] and the updated cache (None without one).
 
     With a cache, the T tokens are appended after the `cache.index` slots already filled
@@ -111,6 +113,8 @@ class Transformer(nnx.Module):
     `last_only` (no cache): the hidden state of each row's last real token only, [B, 1, D],
     which is all a reward model reads. The last block then runs its query, attention output
     and MLP for that token alone (a fifth of an RM step's FLOPs at 4 layers).
+    `keep` (no cache): a static slice of positions, e.g. the ones that predict a response;
+    the hidden states of those only, with the same saving in the last block.
     """
     mask_BxT = mask_BxT.astype(bool)
     t = tokens_BxT.shape[1]
@@ -133,22 +137,27 @@ class Transformer(nnx.Module):
     x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(self.cfg.jnp_dtype)
     x_BxTxD = sharding.constrain(
         x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
-    last_B = query_at_B = None
-    if last_only:
-      if cache is not None:
-        raise ValueError("Transformer: last_only is for a full forward, not a KV-cache call.")
-      last_B = last_token_index(mask_BxT)
-      # Not through an MoE last block: its routing statistics (auxiliary losses) and its
-      # capacity are over all the tokens, so it runs in full and the token is picked after.
-      query_at_B = None if isinstance(self.blocks[-1].mlp, MoE) else last_B
+    wanted = None  # the positions whose hidden states are returned: an index per row or a slice
+    if last_only or keep is not None:
+      if cache is not None or (last_only and keep is not None):
+        raise ValueError("Transformer: last_only / keep are for a full forward without a KV "
+                         "cache, and exclusive.")
+      wanted = last_token_index(mask_BxT) if last_only else keep
+    # Not through an MoE last block: its routing statistics (auxiliary losses) and its
+    # capacity are over all the tokens, so it runs in full and the positions are picked after.
+    queries = None if isinstance(self.blocks[-1].mlp, MoE) else wanted
+    cfg = self.cfg
+    # Positions are below the number of slots (T, or the cache's S).
+    rot = rotary(positions_BxT, cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling,
+                 max_position=t if cache is None else cache.key_mask_BxS.shape[1])
     new_kv = []
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      at_B = query_at_B if i == len(self.blocks) - 1 else None
-      x_BxTxD, kv = block(x_BxTxD, positions_BxT, attn_mask_BxTxS, kv, index, mask_BxT, at_B)
+      at = queries if i == len(self.blocks) - 1 else None
+      x_BxTxD, kv = block(x_BxTxD, rot, attn_mask_BxTxS, kv, index, mask_BxT, at)
       new_kv.append(kv)
-    if last_only and query_at_B is None:
-      x_BxTxD = take_at(x_BxTxD, last_B)
+    if wanted is not None and queries is None:
+      x_BxTxD = take_at(x_BxTxD, wanted)
     h_BxTxD = self.final_norm(x_BxTxD)
 
     if cache is None:
