@@ -238,6 +238,111 @@ def _prompts(config, split: str, n: int):
   return [r["prompt"] for r in task.prompts(n, config.seed, split)], task
 
 
+EXP_KEYS = ("seq", "seq_mask", "response", "mask", "old_logp", "old_values", "advantages",
+            "returns")
+
+
+def make_iteration(config, mesh, ac_graphdef, policy_graphdef, reward: rm.RewardFunction | None,
+                   tx, shardings, eos_id: int, pad_id: int):
+  """One PPO iteration (steps 1-4 of the module docstring) as
+  `iterate(state, ref_params, prompts, it, beta, on_rollout=None) -> (state, metrics, beta)`.
+
+  `prompts`: host arrays `tokens`, `mask` [B, P] and `index` [B]. `on_rollout(tokens, mask,
+  index)` runs on the host between rollout and experience with the sampled responses of the
+  whole batch; it returns the per-response gold reward (the scores when `reward` is None, a
+  metric otherwise) or None. The returned beta is the KL coefficient for the next iteration.
+  `iterate.jitted` are the compiled functions (one program each when nothing recompiles);
+  `iterate.calls` maps their names to (function, abstract arguments of the first call), for
+  cost analysis and HLO dumps (benchmarks/).
+  """
+  d, p = config.data, config.ppo
+  if d.batch_size % p.num_minibatches:
+    raise ValueError(f"data.batch_size {d.batch_size} must divide by ppo.num_minibatches "
+                     f"{p.num_minibatches}.")
+  sampling_cfg = SamplingConfig(max_new_tokens=d.max_completion_len,
+                                temperature=config.sampling.temperature,
+                                top_k=config.sampling.top_k, top_p=config.sampling.top_p,
+                                min_new_tokens=config.sampling.min_new_tokens)
+  sampler = make_sampler(policy_graphdef, sampling_cfg, eos_id, pad_id)
+  experience_fn = make_experience_fn(ac_graphdef, policy_graphdef, reward, config, eos_id)
+  loss_fn = functools.partial(ppo_loss, clip=p.clip_ratio, value_clip=p.value_clip,
+                              vf_coef=p.vf_coef, entropy_coef=p.entropy_coef,
+                              temperature=config.sampling.temperature)
+  batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in EXP_KEYS}
+  train_step = state_lib.make_train_step(ac_graphdef, loss_fn, tx, mesh, shardings, batch_sh,
+                                         config.optim.grad_accum_steps)
+  step_fn = getattr(train_step, "jitted", train_step)  # called under the mesh below
+  calls = {}
+
+  def call(name, fn, *args):
+    if name not in calls:
+      calls[name] = (fn, jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+          if isinstance(x, jax.Array) else x, args))
+    return fn(*args)
+
+  def iterate(state, ref_params, prompts, it: int, beta: float, on_rollout=None):
+    t0 = time.perf_counter()
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), it)
+    with sharding.use_mesh(mesh):
+      b = sharding.shard_batch({k: prompts[k] for k in ("tokens", "mask", "index")}, mesh)
+      out = call("sampler", sampler, state.params["policy"], b["tokens"], b["mask"], rng)
+      # Every process gets the whole global batch (its rows are spread over processes), so
+      # host-side numbers are the same everywhere.
+      resp_tokens, resp_mask, index = sharding.to_host((out["tokens"], out["mask"], b["index"]))
+      t_rollout = time.perf_counter()
+      gold = None if on_rollout is None else on_rollout(resp_tokens, resp_mask, index)
+      batch = {"seq": jnp.concatenate([b["tokens"], out["tokens"]], axis=1),
+               "seq_mask": jnp.concatenate([b["mask"], out["mask"]], axis=1),
+               "response": out["tokens"], "mask": out["mask"]}
+      if reward is None:
+        if gold is None:
+          raise ValueError("ppo.reward='gold' needs scores from on_rollout.")
+        batch["scores"] = sharding.shard_global_batch({"scores": gold}, mesh)["scores"]
+      exp, metrics = call("experience", experience_fn, state.params, ref_params,
+                          None if reward is None else reward.params, batch, jnp.float32(beta))
+    exp = sharding.to_host(exp)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics["policy/sample_logprob_gap"] = float(np.abs(
+        sharding.to_host(out["logprobs"]) - exp["old_logp"]).max())
+    if gold is not None:
+      metrics["gold/reward"] = float(np.mean(gold))
+    t_exp = time.perf_counter()
+
+    update_rows, stopped_early = [], False
+    mb = d.batch_size // p.num_minibatches
+    for epoch in range(p.ppo_epochs):
+      perm = np.random.default_rng([config.seed, it, epoch]).permutation(d.batch_size)
+      for k in range(p.num_minibatches):
+        idx = perm[k * mb:(k + 1) * mb]
+        mb_batch = sharding.shard_global_batch({key: exp[key][idx] for key in EXP_KEYS}, mesh)
+        with sharding.use_mesh(mesh):
+          state, m = call("train_step", step_fn, state, mb_batch)
+        m = {key: float(v) for key, v in jax.device_get(m).items()}
+        loop.check_finite(it, m)
+        update_rows.append(m)
+        if p.target_approxkl and m["policy/approxkl"] > p.target_approxkl:
+          stopped_early = True
+          break
+      if stopped_early:
+        break
+    metrics.update(loop.mean_metrics(update_rows))
+    metrics["policy/first_minibatch_ratio"] = update_rows[0]["val/ratio"]
+    metrics["policy/epochs_stopped_early"] = float(stopped_early)
+    metrics["kl_coef"] = beta
+    if p.adaptive_kl:
+      beta = ppo_core.adaptive_kl_coef(beta, metrics["objective/kl"], p.kl_target, p.kl_horizon,
+                                       d.batch_size)
+    t_end = time.perf_counter()
+    metrics.update({"time/rollout_s": t_rollout - t0, "time/experience_s": t_exp - t_rollout,
+                    "time/update_s": t_end - t_exp, "time/iteration_s": t_end - t0})
+    return state, metrics, beta
+
+  iterate.jitted = {"sampler": sampler, "experience": experience_fn, "train_step": step_fn}
+  iterate.calls = calls
+  return iterate
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
   d, p = config.data, config.ppo
   s = _build(config, workdir)
@@ -248,25 +353,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
   arrays["index"] = np.arange(len(train_prompts))
   prompt_batches = batching.EpochIterator(arrays, d.batch_size, config.seed,
                                           *sharding.process_block(mesh))
-  if d.batch_size % p.num_minibatches:
-    raise ValueError(f"data.batch_size {d.batch_size} must divide by ppo.num_minibatches "
-                     f"{p.num_minibatches}.")
-
-  sampling_cfg = SamplingConfig(max_new_tokens=d.max_completion_len,
-                                temperature=config.sampling.temperature,
-                                top_k=config.sampling.top_k, top_p=config.sampling.top_p,
-                                min_new_tokens=config.sampling.min_new_tokens)
-  sampler = make_sampler(s.policy.graphdef, sampling_cfg, tok.eos_id, tok.pad_id)
-  experience_fn = make_experience_fn(s.ac_graphdef, s.policy.graphdef, s.reward, config,
-                                     tok.eos_id)
-  loss_fn = functools.partial(ppo_loss, clip=p.clip_ratio, value_clip=p.value_clip,
-                              vf_coef=p.vf_coef, entropy_coef=p.entropy_coef,
-                              temperature=config.sampling.temperature)
-  exp_keys = ("seq", "seq_mask", "response", "mask", "old_logp", "old_values", "advantages",
-              "returns")
-  batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in exp_keys}
-  train_step = state_lib.make_train_step(s.ac_graphdef, loss_fn, s.tx, mesh, s.shardings,
-                                         batch_sh, config.optim.grad_accum_steps)
+  iterate = make_iteration(config, mesh, s.ac_graphdef, s.policy.graphdef, s.reward, s.tx,
+                           s.shardings, tok.eos_id, tok.pad_id)
 
   out_dir = sft.stage_dir(workdir, "ppo")
   writer = loop.MetricsWriter(workdir, "ppo")
@@ -285,61 +373,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
   last: dict[str, float] = {}
   t_start = time.perf_counter()
   for it in range(start + 1, p.num_iterations + 1):
-    t0 = time.perf_counter()
-    host = next(prompt_batches)
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), it)
-    with sharding.use_mesh(mesh):
-      b = sharding.shard_batch({k: host[k] for k in ("tokens", "mask", "index")}, mesh)
-      out = sampler(state.params["policy"], b["tokens"], b["mask"], rng)
-      # Every process decodes and scores the whole global batch (its rows are spread over
-      # processes), so host-side numbers are the same everywhere.
-      resp_tokens, resp_mask, index = sharding.to_host((out["tokens"], out["mask"], b["index"]))
-      t_rollout = time.perf_counter() - t0
-      texts = [tok.decode(t[m.astype(bool)]) for t, m in zip(resp_tokens, resp_mask)]
-      prompts = [train_prompts[i] for i in index]
-      gold = None
-      if task is not None:
-        gold = np.array([task.gold_reward(q, a) for q, a in zip(prompts, texts)], np.float32)
-      batch = {"seq": jnp.concatenate([b["tokens"], out["tokens"]], axis=1),
-               "seq_mask": jnp.concatenate([b["mask"], out["mask"]], axis=1),
-               "response": out["tokens"], "mask": out["mask"]}
-      if s.reward is None:
-        batch["scores"] = sharding.shard_global_batch({"scores": gold}, mesh)["scores"]
-      exp, metrics = experience_fn(state.params, s.policy.params,
-                                   None if s.reward is None else s.reward.params, batch,
-                                   jnp.float32(beta))
-    exp = sharding.to_host(exp)
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    metrics["policy/sample_logprob_gap"] = float(np.abs(
-        sharding.to_host(out["logprobs"]) - exp["old_logp"]).max())
-    if gold is not None:
-      metrics["gold/reward"] = float(gold.mean())
+    samples = []
 
-    update_rows, stopped_early = [], False
-    mb = d.batch_size // p.num_minibatches
-    for epoch in range(p.ppo_epochs):
-      perm = np.random.default_rng([config.seed, it, epoch]).permutation(d.batch_size)
-      for k in range(p.num_minibatches):
-        idx = perm[k * mb:(k + 1) * mb]
-        state, m = train_step(state, sharding.shard_global_batch(
-            {key: exp[key][idx] for key in exp_keys}, mesh))
-        m = {key: float(v) for key, v in jax.device_get(m).items()}
-        loop.check_finite(it, m)
-        update_rows.append(m)
-        if p.target_approxkl and m["policy/approxkl"] > p.target_approxkl:
-          stopped_early = True
-          break
-      if stopped_early:
-        break
-    metrics.update(loop.mean_metrics(update_rows))
-    metrics["policy/first_minibatch_ratio"] = update_rows[0]["val/ratio"]
-    metrics["policy/epochs_stopped_early"] = float(stopped_early)
-    metrics["kl_coef"] = beta
-    if p.adaptive_kl:
-      beta = ppo_core.adaptive_kl_coef(beta, metrics["objective/kl"], p.kl_target, p.kl_horizon,
-                                       d.batch_size)
-    metrics["time/rollout_s"] = t_rollout
-    metrics["time/iteration_s"] = time.perf_counter() - t0
+    def on_rollout(resp_tokens, resp_mask, index):
+      texts = [tok.decode(t[m.astype(bool)]) for t, m in zip(resp_tokens, resp_mask)]
+      samples[:] = [(train_prompts[i], a) for i, a in zip(index, texts)]
+      if task is None:
+        return None
+      return np.array([task.gold_reward(q, a) for q, a in samples], np.float32)
+
+    state, metrics, beta = iterate(state, s.policy.params, next(prompt_batches), it, beta,
+                                   on_rollout)
     writer.write(it, metrics)
     logging.info("[ppo] iter %d/%d (%.0fs) score=%.3f kl=%.3f gold=%.3f loss/policy=%.4f "
                  "loss/value=%.4f clipfrac=%.3f kl_coef=%.4f", it, p.num_iterations,
@@ -347,7 +391,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
                  metrics["objective/kl"], metrics.get("gold/reward", float("nan")),
                  metrics["loss/policy"], metrics["loss/value"], metrics["policy/clipfrac"], beta)
     if config.train.sample_every and (it % config.train.sample_every == 0 or it == 1):
-      for q, a in list(zip(prompts, texts))[:config.train.num_samples_shown]:
+      for q, a in samples[:config.train.num_samples_shown]:
         logging.info("[ppo] sample | %s | %s", q, a)
     if ckpt:
       ckpt.maybe_save(it, state, {"data_position": prompt_batches.position, "kl_coef": beta,
@@ -369,8 +413,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any
   for k, v in sorted(summary.items()):
     logging.info("[ppo] summary %s = %.4f", k, v)
   # Programs compiled per jitted function: 1 each means no recompilation across iterations.
-  compiled = {"sampler": sampler._cache_size(), "experience": experience_fn._cache_size(),
-              "train_step": train_step.jitted._cache_size()}
+  compiled = {k: f._cache_size() for k, f in iterate.jitted.items()}
   return {"metrics": {**last, **summary}, "state": state, "compiled": compiled}
 
 
