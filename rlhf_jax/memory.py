@@ -15,8 +15,8 @@ and layer, bytes of the compute dtype unless noted:
     SwiGLU gate, up, silu(gate), product             4 F / tensor
     attention logits and weights (float32)            8 N T / tensor
 and float32 logits, log-softmax and their gradient, 12 V / tensor, at each position whose
-logits are read (SFT: all but the last; PPO: the response; sampling: the last prompt
-token). A training step keeps all layers for the backward pass; a forward-only pass (PPO
+logits are read (SFT: all but the last, `model.ce_chunk_len` of them at a time; PPO: the
+response; sampling: the last prompt token). A training step keeps all layers for the backward pass; a forward-only pass (PPO
 experience, eval) one layer at a time plus its logits. Generation holds a KV cache of
 2 L T K H (compute dtype) per row. Phases do not overlap: the peak is the resident
 parameters/optimizer state plus the largest phase. MoE layers are counted as dense for
@@ -195,7 +195,8 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.stage == "sft":
     resident += _trained("policy", policy_b, accum)
     phases.append(Part(f"train step activations ({d.batch_size // accum} rows x {t})",
-                       act.train(d.batch_size // accum, t, t - 1)))
+                       act.train(d.batch_size // accum, t,
+                                 min(t - 1, model_cfg.ce_chunk_len or t))))
     phases.append(Part("eval sampling (KV cache + prefill)",
                        act.generate(d.batch_size, d.max_prompt_len, d.max_completion_len)))
   elif config.stage == "rm":

@@ -28,7 +28,7 @@ from flax import nnx
 from rlhf_jax import sharding
 from rlhf_jax.fileio import write_json
 from rlhf_jax.data import batching, records as records_lib, tokenizer as tokenizer_lib
-from rlhf_jax.models import PolicyModel, TransformerConfig, moe, pretrained
+from rlhf_jax.models import PolicyModel, TransformerConfig, lm_loss, moe, pretrained
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import checkpoint, loop, optim, state as state_lib
 
@@ -50,17 +50,22 @@ def token_ce(model: PolicyModel, batch: dict[str, jax.Array]):
   h_BxTxD, _ = model.trunk(batch["tokens"], batch["mask"])
   # The LM head only where there is a next token: the last position's logits would be
   # computed (and differentiated) for nothing.
-  logits_BxT1xV = model.logits(h_BxTxD[:, :-1])
+  h_BxT1xD = h_BxTxD[:, :-1].astype(model.cfg.jnp_dtype)
   targets_BxT1 = batch["tokens"][:, 1:]
   weights_BxT1 = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  ce_BxT1 = optax.softmax_cross_entropy_with_integer_labels(logits_BxT1xV, targets_BxT1)
   n = jnp.maximum(weights_BxT1.sum(), 1.0)
-  loss = (ce_BxT1 * weights_BxT1).sum() / n
-  # Correct when the target's logit is the maximum (the CE computes both already; an argmax
-  # is a slow index reduction on CPU). A tie for the maximum counts as correct.
-  target_logit_BxT1 = jnp.take_along_axis(logits_BxT1xV, targets_BxT1[..., None], -1)[..., 0]
-  correct = (target_logit_BxT1 >= logits_BxT1xV.max(-1)).astype(jnp.float32)
-  return loss, {"token_accuracy": (correct * weights_BxT1).sum() / n, "num_tokens": n}
+  if model.cfg.ce_chunk_len:
+    ce_sum, correct_sum = lm_loss.chunked_token_ce(h_BxT1xD, model.head_weight(), targets_BxT1,
+                                                   weights_BxT1, model.cfg.ce_chunk_len)
+  else:
+    logits_BxT1xV = model.logits(h_BxT1xD)
+    ce_BxT1 = optax.softmax_cross_entropy_with_integer_labels(logits_BxT1xV, targets_BxT1)
+    ce_sum = (ce_BxT1 * weights_BxT1).sum()
+    # Correct when the target's logit is the maximum (an argmax is a slow index reduction on
+    # CPU). A tie for the maximum counts as correct.
+    target_BxT1 = jnp.take_along_axis(logits_BxT1xV, targets_BxT1[..., None], -1)[..., 0]
+    correct_sum = ((target_BxT1 >= logits_BxT1xV.max(-1)) * weights_BxT1).sum()
+  return ce_sum / n, {"token_accuracy": correct_sum / n, "num_tokens": n}
 
 
 def stage_dir(workdir: str | None, stage: str) -> str | None:

@@ -1,5 +1,6 @@
 """LLaMA-style networks: trunk (transformer.py), sparse MoE FFN (moe.py), heads (heads.py),
-imports (hf_import.py, gguf_import.py; pretrained.py picks and caches a source)."""
+imports (hf_import.py, gguf_import.py; pretrained.py picks and caches a source), the chunked
+LM-head cross-entropy of the SFT loss (lm_loss.py)."""
 
 from rlhf_jax.models.config import MoEConfig, TransformerConfig
 from rlhf_jax.models.heads import PolicyModel, RewardModel, ValueModel, build

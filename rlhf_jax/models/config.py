@@ -114,6 +114,9 @@ class TransformerConfig:
   param_dtype: str = "float32"  # Storage dtype of parameters (and optimizer state).
   dtype: str = "float32"  # Compute dtype of matmuls; norms, softmax and RoPE stay float32.
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)  # dense by default
+  # The SFT loss runs the LM head + cross-entropy over chunks of this many positions, with
+  # no [B, T, V] logits in memory (lm_loss.py); 0: all positions at once.
+  ce_chunk_len: int = 128
 
   def __post_init__(self):
     def need(ok: bool, msg: str):
@@ -131,6 +134,8 @@ class TransformerConfig:
            "or set `head_dim` explicitly.")
     need(self.resolved_head_dim % 2 == 0,
          f"head dim {self.resolved_head_dim} must be even for rotary embeddings.")
+    need(self.ce_chunk_len >= 0, f"`ce_chunk_len` must be >= 0 (0: no chunks), got "
+         f"{self.ce_chunk_len}.")
     for name in ("param_dtype", "dtype"):
       need(getattr(self, name) in _DTYPES,
            f"`{name}` is {getattr(self, name)!r}; choose one of {sorted(_DTYPES)}.")

@@ -34,15 +34,16 @@ class PolicyModel(nnx.Module):
     h_BxTxD, cache = self.trunk(tokens_BxT, mask_BxT, cache)
     return self.logits(h_BxTxD), cache
 
+  def head_weight(self) -> jax.Array:
+    """The LM head matrix [D, V] in the compute dtype (the embedding's transpose if tied)."""
+    w_DxV = self.trunk.embed_VxD[...].T if self.cfg.tie_embeddings else self.lm_head_DxV[...]
+    return w_DxV.astype(self.cfg.jnp_dtype)
+
   def logits(self, h_BxTxD: jax.Array) -> jax.Array:
     """The LM head on trunk hidden states (a value head can share the same trunk pass)."""
-    dt = self.cfg.jnp_dtype
-    if self.cfg.tie_embeddings:
-      w_DxV = self.trunk.embed_VxD[...].T
-    else:
-      w_DxV = self.lm_head_DxV[...]
     # float32 logits: log-probs and KL in RL are differences of large numbers.
-    return dense(h_BxTxD.astype(dt), w_DxV.astype(dt), preferred_element_type=jnp.float32)
+    return dense(h_BxTxD.astype(self.cfg.jnp_dtype), self.head_weight(),
+                 preferred_element_type=jnp.float32)
 
 
 class ScalarHead(nnx.Module):
