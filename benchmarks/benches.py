@@ -6,9 +6,10 @@
                  position, AdamW
   rm_step        the same train step with `rm.rm_loss` on a `RewardModel`: 8 pairs x 128,
                  chosen and rejected in one 16 x 128 forward (`rm.pair_scores`)
-  ppo_iteration  `ppo.make_experience_fn`, `ppo.ppo_loss`, `ppo.ActorCritic` with a separate
-                 critic, a separate reward model and the frozen reference, wired by
-                 `benchmarks/ppo_iteration.py` exactly as `ppo.run` wires them
+  ppo_iteration  `ppo.make_iteration` (the body of `ppo.run`'s loop: sampler, experience,
+                 `ppo.ppo_loss` on `ppo.ActorCritic`) with a separate critic, a separate
+                 reward model and the frozen reference, built from random networks by
+                 `benchmarks/ppo_iteration.py`
 
 Shapes, dtype, optimizer settings and the measurement rules are those of the peer harness
 (`../shared/bench/peer_hf.py`). Every function returns the fields of one JSON line.
@@ -303,36 +304,28 @@ def prepare_rm_step(seed: int = 0) -> Prepared:
   return prepare_train_step(RewardModel, loss_fn, RM_OPTIM, host, seed)
 
 
+def _train_step_result(args, ct, prep: Prepared, optim_cfg, metric: str, units: int,
+                       model_flops: float, shape: dict, code: str) -> dict:
+  stats, extra = _train_step_bench(args, ct, prep, optim_cfg)
+  med = stats["median_s"]
+  return {"metric": metric, "value": units / med, **stats, **extra,
+          **_mfu_fields(model_flops, med, args.peak_flops), "shape": shape, "code": code}
+
+
 def bench_sft_step(args, ct: CompileTimer) -> dict:
   prep = prepare_sft_step(args.seed)
-  cfg = prep.cfg
-  stats, extra = _train_step_bench(args, ct, prep, SFT_OPTIM)
-  med = stats["median_s"]
-  return {
-      "metric": "tokens_per_s",
-      "value": SFT_BATCH * SFT_SEQ / med,
-      **stats,
-      **extra,
-      **_mfu_fields(flops_lib.sft_step(cfg, SFT_BATCH, SFT_SEQ), med, args.peak_flops),
-      "shape": {"batch": SFT_BATCH, "seq": SFT_SEQ},
-      "code": "rlhf_jax.train.state.make_train_step(sft.sft_loss)",
-  }
+  return _train_step_result(args, ct, prep, SFT_OPTIM, "tokens_per_s", SFT_BATCH * SFT_SEQ,
+                            flops_lib.sft_step(prep.cfg, SFT_BATCH, SFT_SEQ),
+                            {"batch": SFT_BATCH, "seq": SFT_SEQ},
+                            "rlhf_jax.train.state.make_train_step(sft.sft_loss)")
 
 
 def bench_rm_step(args, ct: CompileTimer) -> dict:
   prep = prepare_rm_step(args.seed)
-  cfg = prep.cfg
-  stats, extra = _train_step_bench(args, ct, prep, RM_OPTIM)
-  med = stats["median_s"]
-  return {
-      "metric": "pairs_per_s",
-      "value": RM_PAIRS / med,
-      **stats,
-      **extra,
-      **_mfu_fields(flops_lib.rm_step(cfg, 2 * RM_PAIRS, RM_SEQ), med, args.peak_flops),
-      "shape": {"pairs": RM_PAIRS, "seq": RM_SEQ},
-      "code": "rlhf_jax.train.state.make_train_step(rm.rm_loss)",
-  }
+  return _train_step_result(args, ct, prep, RM_OPTIM, "pairs_per_s", RM_PAIRS,
+                            flops_lib.rm_step(prep.cfg, 2 * RM_PAIRS, RM_SEQ),
+                            {"pairs": RM_PAIRS, "seq": RM_SEQ},
+                            "rlhf_jax.train.state.make_train_step(rm.rm_loss)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,8 +428,8 @@ def bench_ppo_iteration(args, ct: CompileTimer) -> dict:
                 "optimizer_steps_per_iteration": PPO_EPOCHS * PPO_MINI_BATCHES},
       "models": "ActorCritic(policy, separate critic ValueModel) + frozen ref PolicyModel + "
                 "separate RewardModel",
-      "code": "rlhf_jax.ppo.make_experience_fn / ppo_loss / ActorCritic, sampling.make_sampler, "
-              "train.state.make_train_step, wired as ppo.run (benchmarks/ppo_iteration.py)",
+      "code": "rlhf_jax.ppo.make_iteration (make_sampler, make_experience_fn, ppo_loss on "
+              "ActorCritic, make_train_step), set up by benchmarks/ppo_iteration.py",
       "dtype": MODEL["dtype"],
       "n_params_trained": prep.n_params,
   }
