@@ -66,9 +66,9 @@ def categorical(key: jax.Array, logits_BxV: jax.Array) -> jax.Array:
   cumulative probability reaches u ~ U(0, 1] (scaled by the row's total, so rounding in the
   float32 sum cannot run past the end).
 
-  One uniform per row instead of Gumbel-max's V (`jax.random.categorical`): at every decode
-  step those V threefry draws cost more than the rest of the sampling, 3x this on CPU. Tokens
-  of probability 0 (filtered to -inf) are never drawn: their CDF step is empty.
+  One uniform per row instead of Gumbel-max's V (`jax.random.categorical`): in a 64-step
+  decode loop over [16, 8192] logits on CPU, Gumbel noise + argmax took 3x as long as this.
+  Tokens of probability 0 (filtered to -inf) are never drawn: their CDF step is empty.
   """
   b, v = logits_BxV.shape
   cdf_BxV = jnp.cumsum(jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1), axis=-1)
