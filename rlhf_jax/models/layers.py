@@ -97,7 +97,7 @@ def rotary(positions_BxT: jax.Array, head_dim: int, theta: float,
   The cos/sin table of positions 0 .. max_position-1 is computed at trace time, so the
   compiled program only gathers from a constant. Computing sin/cos in the program instead
   lets XLA fuse (duplicate) them into every consumer: per layer, per head, forward and
-  backward, which was a sixth of a PPO train step on CPU.
+  backward: those fusions were ~9% of the XLA op time of a CPU PPO iteration (profiled).
   """
   n = positions_BxT.shape[1] if max_position is None else max_position
   with jax.ensure_compile_time_eval():
