@@ -167,6 +167,24 @@ def np_policy_forward(p: dict, cfg: TransformerConfig, tokens, mask):
   return x @ w_out
 
 
+def hf_and_imported_logits(hf, tokens, mask):
+  """(Hugging Face logits, imported config, our logits) for a padded batch: `hf` is run with
+  mask-derived position ids, saved with `save_pretrained`, read back by `load_hf_llama`."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  position_ids = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+  with torch.no_grad():
+    want = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
+              attention_mask=torch.tensor(mask, dtype=torch.long),
+              position_ids=torch.tensor(position_ids, dtype=torch.long)).logits.numpy()
+  with tempfile.TemporaryDirectory() as d:
+    hf.save_pretrained(d)
+    cfg, state = hf_import.load_hf_llama(d)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: heads.PolicyModel(cfg, nnx.Rngs(0))))
+  got, _ = call(nnx.merge(graphdef, state), tokens, mask)
+  return want, cfg, state, np.asarray(got)
+
+
 class ModelsTest(parameterized.TestCase):
 
   # ------------------------------------------------------------------ shapes, dtypes, init
@@ -541,25 +559,14 @@ class ModelsTest(parameterized.TestCase):
     rng = np.random.default_rng(7)
     t = 8
     tokens, mask = left_padded_batch(rng, [8, 5, 2], t, 128)
-    position_ids = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
-    with torch.no_grad():
-      want = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                position_ids=torch.tensor(position_ids, dtype=torch.long)).logits.numpy()
-
-    with tempfile.TemporaryDirectory() as d:
-      hf.save_pretrained(d)
-      cfg, state = hf_import.load_hf_llama(d)
+    want, cfg, _, got = hf_and_imported_logits(hf, tokens, mask)
     self.assertEqual(cfg.num_kv_heads, num_kv_heads)
     self.assertEqual(cfg.tie_embeddings, tie)
     self.assertEqual(cfg.rope_theta, 500.0)
     self.assertEqual(cfg.rms_norm_eps, 1e-5)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: heads.PolicyModel(cfg, nnx.Rngs(0))))
-    policy = nnx.merge(graphdef, state)
-    got, _ = call(policy, tokens, mask)
     real = mask.astype(bool)
     self.assertGreater(want[real].std(), 0.3)
-    np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-4)
 
   @parameterized.named_parameters(
       # Scaled frequencies only show at long wavelengths: original_max_position_embeddings=64
@@ -594,21 +601,11 @@ class ModelsTest(parameterized.TestCase):
     rng = np.random.default_rng(3)
     t = 24  # long enough for scaled and unscaled frequencies to diverge
     tokens, mask = left_padded_batch(rng, [24, 13], t, 128)
-    position_ids = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
-    with torch.no_grad():
-      want = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                position_ids=torch.tensor(position_ids, dtype=torch.long)).logits.numpy()
-
-    with tempfile.TemporaryDirectory() as d:
-      hf.save_pretrained(d)
-      cfg, state = hf_import.load_hf_llama(d)
+    want, cfg, state, got = hf_and_imported_logits(hf, tokens, mask)
     self.assertEqual(cfg.qkv_bias, model_type == "qwen2")
     self.assertEqual(cfg.rope_scaling.kind, rope["rope_type"].replace("default", "none"))
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: heads.PolicyModel(cfg, nnx.Rngs(0))))
-    got, _ = call(nnx.merge(graphdef, state), tokens, mask)
     real = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-4)
     # The variant matters: without its scaling / biases the logits are clearly different.
     plain = dataclasses.replace(cfg, rope_scaling=config_lib.RopeScaling(), qkv_bias=False)
     pure = nnx.to_pure_dict(state)
