@@ -58,9 +58,11 @@ def _scan(h_BxTxD, w_DxV, targets_BxT, weights_BxT, chunk_len: int, need_grad: b
   def chunks(x):
     return jnp.swapaxes(x.reshape(b, n, chunk_len, *x.shape[2:]), 0, 1)
 
-  def body(carry, xs):
+  def body(carry, chunk):
     ce, correct, dw = carry
-    c_ce, c_correct, dh, c_dw = _chunk_stats(*xs[:1], w_DxV, *xs[1:], need_grad)
+    h_BxCxD, targets_BxC, weights_BxC = chunk
+    c_ce, c_correct, dh, c_dw = _chunk_stats(h_BxCxD, w_DxV, targets_BxC, weights_BxC,
+                                             need_grad)
     if need_grad:
       dw = dw + c_dw
     return (ce + c_ce, correct + c_correct, dw), dh
