@@ -4,7 +4,7 @@
 from random networks instead, so this file repeats only that part:
 
   build          = `ppo._build` from freshly initialised networks instead of checkpoints
-                   (the same `ActorCritic`, critic started from the RM, `create_train_state`)
+                   (random policy and RM, then `ppo.init_actor_critic` as `ppo._build` calls it)
   make_iteration = `ppo.make_iteration` itself: rollout, experience, the update epochs and
                    the KL controller, with every host round-trip `ppo.run` has. Left out (in
                    `ppo.run`'s `on_rollout` and loop): response text decoding and gold reward
@@ -16,14 +16,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from rlhf_jax import config as config_lib, ppo, rm, sharding
-from rlhf_jax.models import PolicyModel, RewardModel, ValueModel
-from rlhf_jax.train import optim, state as state_lib
+from rlhf_jax.models import PolicyModel, RewardModel
 
 
 def bench_config(batch: int, prompt: int, response: int, epochs: int, minibatches: int,
@@ -55,7 +52,8 @@ class BenchSetup:
 
 
 def build(config, model_cfg, mesh) -> BenchSetup:
-  """`ppo._build` for `critic="reward"`, from random networks instead of checkpoints."""
+  """`ppo._build` for `critic="reward"`, from random networks instead of checkpoints:
+  the same `ppo.init_actor_critic`."""
   seed = config.seed
   policy_graphdef, ref_params = sharding.init_sharded(
       lambda: PolicyModel(model_cfg, nnx.Rngs(params=seed)), mesh)
@@ -63,19 +61,8 @@ def build(config, model_cfg, mesh) -> BenchSetup:
       lambda: RewardModel(model_cfg, nnx.Rngs(params=seed + 1)), mesh)
   reward = rm.RewardFunction(rm_graphdef, rm_params, 1.0, 0.0, model_cfg, None)
 
-  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
-  init = {"policy": nnx.to_pure_dict(copy(ref_params)),
-          "critic": {"trunk": nnx.to_pure_dict(copy(rm_params["trunk"])),
-                     "value_head": nnx.to_pure_dict(copy(rm_params["reward_head"]))}}
-
-  def create():
-    rngs = nnx.Rngs(params=seed)
-    return ppo.ActorCritic(PolicyModel(model_cfg, rngs), critic=ValueModel(model_cfg, rngs))
-
-  ac_graphdef, ac_params = sharding.init_sharded(create, mesh)
-  nnx.replace_by_pure_dict(ac_params, init)
-  tx = optim.make_optimizer(config.optim)
-  state, shardings = state_lib.create_train_state(ac_params, tx, mesh)
+  ac_graphdef, state, shardings, tx = ppo.init_actor_critic(config, model_cfg, ref_params,
+                                                             reward, mesh)
   return BenchSetup(mesh, policy_graphdef, ref_params, reward, ac_graphdef, state, shardings, tx)
 
 

@@ -200,29 +200,38 @@ def _build(config, workdir) -> Setup:
     if reward.tokenizer.vocab_size != policy.tokenizer.vocab_size:
       raise ValueError("the reward model and the policy use different tokenizers; train the "
                        "RM from this SFT run (same workdir) or pass matching checkpoints.")
-  # The trained policy starts as a copy of the SFT one (which stays frozen as reference).
+  ac_graphdef, state, shardings, tx = init_actor_critic(
+      config, policy.model_config, policy.params, reward, mesh)
+  return Setup(mesh, policy, reward, rm_metrics, ac_graphdef, state, shardings, tx)
+
+
+def init_actor_critic(config, policy_cfg, policy_params, reward: rm.RewardFunction | None, mesh):
+  """(graphdef, train state, its shardings, optimizer) of what PPO trains: the policy as a
+  copy of `policy_params` (the SFT policy, which stays frozen as reference) and the critic
+  chosen by `ppo.critic`."""
+  p = config.ppo
   copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
-  init = {"policy": nnx.to_pure_dict(copy(policy.params))}
+  init = {"policy": nnx.to_pure_dict(copy(policy_params))}
   if p.critic == "reward":  # TRL's default: the critic is the RM, re-headed
     init["critic"] = {"trunk": nnx.to_pure_dict(copy(reward.params["trunk"])),
                       "value_head": nnx.to_pure_dict(copy(reward.params["reward_head"]))}
   elif p.critic == "sft":  # SFT trunk, zero value head
-    init["critic"] = {"trunk": nnx.to_pure_dict(copy(policy.params["trunk"]))}
+    init["critic"] = {"trunk": nnx.to_pure_dict(copy(policy_params["trunk"]))}
   # "shared": a zero value head on the policy trunk, nothing to copy.
 
   def create():
     rngs = nnx.Rngs(params=config.seed)
-    cfg = policy.model_config
     if p.critic == "shared":
-      return ActorCritic(PolicyModel(cfg, rngs), value_head=ScalarHead(cfg, 0.0, rngs))
-    critic_cfg = reward.model_config if p.critic == "reward" else cfg
-    return ActorCritic(PolicyModel(cfg, rngs), critic=ValueModel(critic_cfg, rngs))
+      return ActorCritic(PolicyModel(policy_cfg, rngs),
+                         value_head=ScalarHead(policy_cfg, 0.0, rngs))
+    critic_cfg = reward.model_config if p.critic == "reward" else policy_cfg
+    return ActorCritic(PolicyModel(policy_cfg, rngs), critic=ValueModel(critic_cfg, rngs))
 
   ac_graphdef, ac_params = sharding.init_sharded(create, mesh)
   nnx.replace_by_pure_dict(ac_params, init)
   tx = optim.make_optimizer(config.optim)
   state, shardings = state_lib.create_train_state(ac_params, tx, mesh)
-  return Setup(mesh, policy, reward, rm_metrics, ac_graphdef, state, shardings, tx)
+  return ac_graphdef, state, shardings, tx
 
 
 def _prompts(config, split: str, n: int):
