@@ -8,4 +8,4 @@ from rlhf_jax import config
 
 
 def get_config(preset: str = ""):
-  return config.ppo_config(preset)
+  return config.get_config("ppo", preset)

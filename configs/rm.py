@@ -4,4 +4,4 @@ from rlhf_jax import config
 
 
 def get_config(preset: str = ""):
-  return config.rm_config(preset)
+  return config.get_config("rm", preset)

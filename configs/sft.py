@@ -4,4 +4,4 @@ from rlhf_jax import config
 
 
 def get_config(preset: str = ""):
-  return config.sft_config(preset)
+  return config.get_config("sft", preset)

@@ -1,6 +1,8 @@
 """Entry point: `python -m rlhf_jax.main --config=configs/ppo.py [--workdir=DIR]`.
 
-Runs the stage named by `config.stage` in `--workdir` (default ./workdir). Metrics go to
+Runs the pipeline up to the stage named by `config.stage` in `--workdir` (default ./workdir):
+configs/sft.py runs SFT, configs/rm.py SFT and the RM, configs/ppo.py all of them, reusing
+finished stages and resuming an interrupted one (`pipeline.py`). Metrics go to
 `<workdir>/metrics.jsonl` and TensorBoard files to `<workdir>/tensorboard`; the final metrics
 are printed as one JSON line at the end. Several processes (hosts) run the same command;
 `--distributed` and its flags connect them (see `distributed.py`), and only process 0 logs,
@@ -39,9 +41,6 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "$JAX_COMPILATION_CACHE_DIR if set, else <workdir>/jax_cache; 'off' = none. Reruns and "
     "resumed runs then load their compiled programs instead of compiling them again.")
 
-STAGES = ("sft", "rm", "ppo")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -49,10 +48,9 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/ppo.py")
-  if config.stage not in STAGES:
-    raise app.UsageError(f"config.stage is {config.stage!r}; stages available: {STAGES}.")
-  # Imported here so that --help and config errors come back fast.
-  from rlhf_jax import distributed, memory  # pylint: disable=g-import-not-at-top
+  # Imported here so that --help comes back fast.
+  from rlhf_jax import config as config_lib, distributed, memory, validate  # pylint: disable=g-import-not-at-top
+  validate.check(config)  # before anything touches a device or the workdir
   # Before anything touches a device: every process must see the global device list.
   info = distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                 _PROCESS_ID.value)
@@ -66,17 +64,18 @@ def main(argv):
     with open(os.path.join(workdir, f"config_{config.stage}.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   logging.info("config:\n%s", config)
-  try:
-    logging.info("%s", memory.report(memory.estimate(config)))
-  except Exception as e:  # pylint: disable=broad-except
-    # Advice, not a precondition: a shape the estimate cannot model must not stop the run.
-    logging.warning("memory estimate unavailable: %s: %s", type(e).__name__, e)
+  for stage in config_lib.stages_of(config):
+    try:
+      logging.info("%s", memory.report(memory.estimate(config, stage=stage)))
+    except Exception as e:  # pylint: disable=broad-except
+      # Advice, not a precondition: a shape the estimate cannot model must not stop the run.
+      logging.warning("memory estimate unavailable: %s: %s", type(e).__name__, e)
 
-  from rlhf_jax import ppo, rm, sft  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
 
-  result = {"sft": sft.run, "rm": rm.run, "ppo": ppo.run}[config.stage](config, workdir)
+  result = pipeline.run(config, workdir)
   if distributed.is_main_process():
-    print(json.dumps({"stage": config.stage, "workdir": workdir, **result["metrics"]}))
+    print(json.dumps({"stage": config.stage, "workdir": workdir, **result.metrics}))
 
 
 def _use_compilation_cache(setting: str, workdir: str) -> None:

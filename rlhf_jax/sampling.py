@@ -10,11 +10,15 @@ before top-k/top-p filtering, which is what PPO needs for its old log-probs.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from rlhf_jax import sharding
+from rlhf_jax.data import batching
 from rlhf_jax.models.transformer import init_cache
 
 
@@ -31,6 +35,34 @@ class SamplingConfig:
       raise ValueError(f"sampling.max_new_tokens must be positive, got {self.max_new_tokens}.")
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
       raise ValueError(f"sampling: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self}.")
+
+
+def from_config(section, max_new_tokens: int) -> SamplingConfig:
+  """The run's `sampling` config section as a SamplingConfig (every stage samples alike)."""
+  return SamplingConfig(max_new_tokens=max_new_tokens, temperature=section.temperature,
+                        top_k=section.top_k, top_p=section.top_p,
+                        min_new_tokens=section.min_new_tokens)
+
+
+def decode_rows(tok, tokens_BxN, mask_BxN) -> list[str]:
+  """The texts of sampled rows (host arrays): the tokens under the mask, decoded."""
+  return [tok.decode(t[m.astype(bool)]) for t, m in zip(np.asarray(tokens_BxN),
+                                                         np.asarray(mask_BxN))]
+
+
+def sample_texts(sampler, params, tok, prompts: Sequence[str], mesh, max_prompt_len: int,
+                 batch_size: int, rng: jax.Array) -> list[str]:
+  """One decoded sample per prompt, in order, `batch_size` prompts per call of `sampler`
+  (a `make_sampler` function: build it once, so repeated calls reuse its program). The batch
+  at row offset i draws with `fold_in(rng, i)`."""
+  arrays = batching.prompt_arrays(list(prompts), tok, max_prompt_len)
+
+  def sample(start, b):
+    return sampler(params, b["tokens"], b["mask"], jax.random.fold_in(rng, start))
+
+  outs = sharding.for_each_batch(sample, arrays, batch_size, mesh)
+  texts = [t for out in outs for t in decode_rows(tok, out["tokens"], out["mask"])]
+  return texts[:len(prompts)]
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:

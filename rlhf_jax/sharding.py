@@ -270,3 +270,28 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
       names = names[:-1]
     spec.append(names[0] if len(names) == 1 else (names or None))
   return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def for_each_batch(fn: Callable, arrays: Mapping[str, np.ndarray], batch_size: int, mesh: Mesh,
+                   drop_remainder: bool = False) -> list:
+  """`[to_host(fn(start, batch)) for each batch]` over host arrays every process holds whole
+  (eval sets, prompts to sample), `batch_size` rows at a time, placed on the mesh.
+
+  Shapes stay fixed (one compiled program): a last partial batch is dropped with
+  `drop_remainder`, else filled by wrapping around to the first rows; the caller keeps the
+  first `n` rows of what it concatenates.
+  """
+  n = len(next(iter(arrays.values())))
+  if n == 0:
+    return []
+  if drop_remainder:
+    idx = np.arange(n - n % batch_size)
+  else:
+    idx = np.arange(n + (-n % batch_size)) % n
+  out = []
+  with use_mesh(mesh):
+    for start in range(0, len(idx), batch_size):
+      rows = idx[start:start + batch_size]
+      batch = shard_global_batch({k: np.asarray(v)[rows] for k, v in arrays.items()}, mesh)
+      out.append(to_host(fn(start, batch)))
+  return out

@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from rlhf_jax import sharding
-from rlhf_jax.train import loop, optim, state as state_lib
+from rlhf_jax.train import metrics, optim, state as state_lib
 
 CFG = dict(learning_rate=2.0, warmup_steps=10, decay_steps=110, end_lr_ratio=0.1)
 
@@ -105,10 +105,10 @@ class MetricsWriterTest(absltest.TestCase):
 
   def test_jsonl_tensorboard_and_resume_truncation(self):
     with tempfile.TemporaryDirectory() as wd:
-      w = loop.MetricsWriter(wd, "sft")
+      w = metrics.MetricsWriter(wd, "sft")
       for step in (1, 2, 3):
         w.write(step, {"loss": 1.0 / step})
-      other = loop.MetricsWriter(wd, "rm")
+      other = metrics.MetricsWriter(wd, "rm")
       other.write(5, {"loss": 0.5})
       w.drop_after(2)  # a resumed run restarts after step 2: its step 3 row goes, rm stays
       with open(os.path.join(wd, "metrics.jsonl")) as f:
@@ -119,9 +119,9 @@ class MetricsWriterTest(absltest.TestCase):
       other.close()
 
   def test_check_finite(self):
-    loop.check_finite(3, {"loss": 1.0})
+    metrics.check_finite(3, {"loss": 1.0})
     with self.assertRaisesRegex(FloatingPointError, "step 7: loss is inf"):
-      loop.check_finite(7, {"loss": float("inf")})
+      metrics.check_finite(7, {"loss": float("inf")})
 
 
 if __name__ == "__main__":

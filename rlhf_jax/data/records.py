@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable
+from typing import Any, Callable
 
 import ml_collections
 
@@ -34,12 +34,11 @@ def _tfds_records(d, split: str, schema: str) -> list[dict[str, str]]:
           for i, r in enumerate(src)]
 
 
-def load_records(config: ml_collections.ConfigDict, schema: str, task_fn: str):
-  """(train, eval, source names, task or None) for one schema ('sft', 'preference', ...)."""
-  d = config.data
+def load_records(config: ml_collections.ConfigDict, section: str, schema: str, task_fn: str):
+  """(train, eval, source names, task or None) for one schema ('sft', 'preference', ...),
+  from `config.<section>.data` (files) or the shared `data.task`."""
+  d = config[section].data
   if d.train_path:
-    if not d.eval_path:
-      raise ValueError("data.train_path is set but data.eval_path is not; give a held-out JSONL.")
     train = sources.read_jsonl(d.train_path, schema)
     evals = sources.read_jsonl(d.eval_path, schema)
     return train, evals, {"train": d.train_path, "eval": d.eval_path}, None
@@ -47,10 +46,38 @@ def load_records(config: ml_collections.ConfigDict, schema: str, task_fn: str):
     names = {s: f"tfds:{d.tfds_name}/{s}" for s in ("train", d.tfds_eval_split)}
     return (_tfds_records(d, "train", schema), _tfds_records(d, d.tfds_eval_split, schema),
             {"train": names["train"], "eval": names[d.tfds_eval_split]}, None)
-  task = tasks.get_task(d.task)
+  name = config.data.task
+  task = tasks.get_task(name)
   get = getattr(task, task_fn)
   return (get(d.num_train, config.seed, "train"), get(d.num_eval, config.seed, "eval"),
-          {"train": f"task:{d.task}/train", "eval": f"task:{d.task}/eval"}, task)
+          {"train": f"task:{name}/train", "eval": f"task:{name}/eval"}, task)
+
+
+def uses_files(section_data) -> bool:
+  """Whether a stage's `data` section names files or a TFDS dataset (not the bundled task)."""
+  return bool(section_data.get("train_path") or section_data.get("tfds_name")
+              or section_data.get("prompts_path"))
+
+
+@dataclasses.dataclass
+class Prompts:
+  train: list[str]
+  eval: list[str]
+  task: Any  # the bundled task (gold reward), or None for prompt files
+
+
+def load_prompts(config: ml_collections.ConfigDict, section: str = "ppo") -> Prompts:
+  """Train and held-out prompts of `config.<section>.data`: prompt JSONL files, or the
+  shared bundled task's prompts."""
+  d = config[section].data
+  if d.prompts_path:
+    train = [r["prompt"] for r in sources.read_jsonl(d.prompts_path, "prompt")]
+    evals = [r["prompt"] for r in sources.read_jsonl(d.eval_prompts_path, "prompt")]
+    return Prompts(train[:d.num_train_prompts], evals[:d.num_eval_prompts], None)
+  task = tasks.get_task(config.data.task)
+  return Prompts([r["prompt"] for r in task.prompts(d.num_train_prompts, config.seed, "train")],
+                 [r["prompt"] for r in task.prompts(d.num_eval_prompts, config.seed, "eval")],
+                 task)
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str | None, corpus):
@@ -60,7 +87,7 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str | None, corp
 
 
 def load_sft_data(config: ml_collections.ConfigDict, workdir: str | None) -> StageData:
-  train, evals, names, task = load_records(config, "sft", "sft_records")
+  train, evals, names, task = load_records(config, "sft", "sft", "sft_records")
   if task is not None:
     corpus = task.corpus
   else:

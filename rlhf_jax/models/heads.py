@@ -5,6 +5,8 @@
   critic predicts 0 everywhere (the shared-trunk PPO convention).
 * `RewardModel`: a scalar per sequence [B], read at the last non-pad token; head initialised
   N(0, 1/sqrt(d_model + 1)) as in lm-human-preferences.
+* `ActorCritic`: what PPO trains, a policy plus a separate critic or a value head on the
+  policy's trunk, read at the response positions only.
 """
 
 from __future__ import annotations
@@ -87,6 +89,53 @@ class RewardModel(nnx.Module):
     """Score of each sequence, read at its last non-pad token, [B] float32."""
     h_Bx1xD, _ = self.trunk(tokens_BxT, mask_BxT, last_only=True)
     return self.reward_head(h_Bx1xD)[:, 0]
+
+
+class ActorCritic(nnx.Module):
+  """What PPO trains, so that one optimizer and one jitted step update it all: the policy and
+  a critic that is either a separate network (`critic`) or a value head on the policy's own
+  trunk (`value_head`; half the compute, but value gradients then move the policy too)."""
+
+  def __init__(self, policy: PolicyModel, critic: ValueModel | None = None,
+               value_head: ScalarHead | None = None):
+    if (critic is None) == (value_head is None):
+      raise ValueError("ActorCritic takes exactly one of `critic` and `value_head`.")
+    self.policy = policy
+    self.critic = critic
+    self.value_head = value_head
+
+  def __call__(self, seq_BxT, mask_BxT):
+    """(policy logits [B, T, V], values [B, T]) at every position."""
+    if self.critic is not None:
+      return self.policy(seq_BxT, mask_BxT)[0], self.critic(seq_BxT, mask_BxT)
+    h_BxTxD, _ = self.policy.trunk(seq_BxT, mask_BxT)
+    return self.policy.logits(h_BxTxD), self.value_head(h_BxTxD)
+
+  def on_response(self, seq_BxT, mask_BxT, n: int):
+    """(policy logits [B, N, V], values [B, N]) at the positions that predict the last N
+    tokens of `seq_BxT`, the response. What PPO's experience pass and loss both use."""
+    keep = response_positions(n)
+    h_BxNxD, _ = self.policy.trunk(seq_BxT, mask_BxT, keep=keep)
+    logits_BxNxV = self.policy.logits(h_BxNxD)
+    if self.critic is not None:
+      return logits_BxNxV, self.critic(seq_BxT, mask_BxT, keep=keep)
+    return logits_BxNxV, self.value_head(h_BxNxD)
+
+
+def response_positions(n: int) -> slice:
+  """The positions that predict the N response tokens, P-1 .. P+N-2 of the sequence.
+
+  The trunks return hidden states at these positions only (`Transformer`'s `keep`): the
+  prompt positions' logits would be a [B, P, V] float32 buffer (and gradient) and head FLOPs
+  for nothing, and their last-block queries and MLP are not needed either.
+  """
+  return slice(-n - 1, -1)
+
+
+def response_logits(policy: PolicyModel, seq_BxT, mask_BxT, n: int):
+  """A policy's logits at the response positions, [B, N, V] (e.g. the frozen reference)."""
+  h_BxNxD, _ = policy.trunk(seq_BxT, mask_BxT, keep=response_positions(n))
+  return policy.logits(h_BxNxD)
 
 
 MODEL_KINDS = {"policy": PolicyModel, "value": ValueModel, "reward": RewardModel}

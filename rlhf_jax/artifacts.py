@@ -1,0 +1,151 @@
+"""What stages hand each other, and how it is saved and loaded: a trained policy, a
+normalised reward model, stage folders.
+
+A finished stage folder `<workdir>/<stage>` holds `checkpoints/` (orbax), `model_config.json`,
+`tokenizer.json` and `summary.json` (its final metrics; written last, so its presence marks a
+finished run); the RM's also holds `normalization.json`. The pipeline reuses a finished
+folder instead of running the stage again, and a later run can point at one
+(`--config.sft_checkpoint=W/sft`, `--config.rm_checkpoint=W/rm`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import sharding
+from rlhf_jax.data import batching, tokenizer as tokenizer_lib
+from rlhf_jax.fileio import write_json
+from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig
+from rlhf_jax.train import checkpoint
+
+SUMMARY = "summary.json"
+
+
+def stage_dir(workdir: str | None, stage: str) -> str | None:
+  return os.path.join(workdir, stage) if workdir else None
+
+
+@dataclasses.dataclass
+class Policy:
+  """A trained policy, as later stages need it."""
+  graphdef: Any
+  params: Any
+  model_config: TransformerConfig
+  tokenizer: tokenizer_lib.Tokenizer
+
+
+def eval_model(graphdef, params):
+  """A network for scoring or evaluation: MoE layers in eval mode (eval capacity factor, no
+  router jitter; a no-op for dense networks)."""
+  model = nnx.merge(graphdef, params)
+  model.eval()
+  return model
+
+
+@dataclasses.dataclass
+class RewardFunction:
+  """A trained, normalised RM: `score(params, tokens, mask) = gain * raw + bias`."""
+  graphdef: Any
+  params: Any
+  gain: float
+  bias: float
+  model_config: TransformerConfig
+  tokenizer: tokenizer_lib.Tokenizer
+
+  def score(self, params, tokens_BxT, mask_BxT):
+    return self.gain * eval_model(self.graphdef, params)(tokens_BxT, mask_BxT) + self.bias
+
+
+def raw_scores(graphdef, params, tok, prompts, completions, max_prompt_len: int,
+               max_completion_len: int, batch_size: int, mesh, score_fn=None) -> np.ndarray:
+  """Raw RM scores of prompt + completion texts, in the training layout (EOS appended).
+  `score_fn` is a jitted `(params, tokens, mask) -> [B]`; pass one to reuse its program."""
+  recs = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+  arr = batching.sft_arrays(recs, tok, max_prompt_len, max_completion_len)
+  fn = score_fn or jax.jit(lambda p, t, m: eval_model(graphdef, p)(t, m))
+  outs = sharding.for_each_batch(lambda _, b: fn(params, b["tokens"], b["mask"]),
+                                 {"tokens": arr["tokens"], "mask": arr["mask"]}, batch_size, mesh)
+  return np.concatenate(outs)[:len(prompts)]
+
+
+def save_network(out_dir: str, model_cfg: TransformerConfig, tok, summary: dict, **extra_json):
+  """The files that make `out_dir` a finished stage folder (its checkpoints already written).
+  `summary.json` goes last: a folder without it is an unfinished run."""
+  os.makedirs(out_dir, exist_ok=True)
+  write_json(os.path.join(out_dir, "model_config.json"), model_cfg.to_dict())
+  write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_lib.describe(tok))
+  for name, value in extra_json.items():
+    write_json(os.path.join(out_dir, f"{name}.json"), value)
+  write_json(os.path.join(out_dir, SUMMARY), summary)
+
+
+def finished(out_dir: str | None, num_steps: int | None = None) -> bool:
+  """Whether `out_dir` holds a finished run (of `num_steps` steps, when given)."""
+  if not out_dir or not os.path.exists(os.path.join(out_dir, SUMMARY)):
+    return False
+  if num_steps is None:
+    return True
+  ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), save_every=0)
+  done = ckpt.latest_step() == num_steps
+  ckpt.close()
+  return done
+
+
+def read_summary(out_dir: str) -> dict[str, float]:
+  path = os.path.join(out_dir, SUMMARY)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_network(out_dir: str, model_cls, mesh, extra_files=(), hint: str = ""):
+  """(graphdef, params, model config, tokenizer) of a finished stage folder, params placed
+  on `mesh`."""
+  for name in ("model_config.json", "tokenizer.json", *extra_files):
+    if not os.path.exists(os.path.join(out_dir, name)):
+      raise FileNotFoundError(f"{out_dir}: no {name}; {hint}")
+  with open(os.path.join(out_dir, "model_config.json")) as f:
+    model_cfg = TransformerConfig.from_config(json.load(f))
+  with open(os.path.join(out_dir, "tokenizer.json")) as f:
+    tok = tokenizer_lib.from_description(json.load(f))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(model_cfg, nnx.Rngs(0))))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, sharding.param_shardings(abstract, mesh))
+  ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), save_every=0)
+  params = ckpt.restore_params(abstract)
+  ckpt.close()
+  return graphdef, params, model_cfg, tok
+
+
+def load_policy(sft_dir: str, mesh) -> Policy:
+  """The final policy of a finished SFT folder (a workdir's `sft`)."""
+  return Policy(*load_network(sft_dir, PolicyModel, mesh, hint="expected the 'sft' folder of "
+                              "a finished run (e.g. --config.sft_checkpoint=workdir/sft)."))
+
+
+def load_reward_model(rm_dir: str, mesh) -> RewardFunction:
+  """The final RM of a finished RM folder (a workdir's `rm`) with its normalisation."""
+  graphdef, params, model_cfg, tok = load_network(
+      rm_dir, RewardModel, mesh, extra_files=("normalization.json",),
+      hint="expected the 'rm' folder of a finished RM run (e.g. --config.rm_checkpoint=workdir/rm).")
+  with open(os.path.join(rm_dir, "normalization.json")) as f:
+    norm = json.load(f)
+  return RewardFunction(graphdef, params, norm["gain"], norm["bias"], model_cfg, tok)
+
+
+def read_model_config(out_dir: str) -> TransformerConfig:
+  with open(os.path.join(out_dir, "model_config.json")) as f:
+    return TransformerConfig.from_config(json.load(f))
+
+
+def on_mesh(params, mesh):
+  """`params` placed by the sharding rules on `mesh` (e.g. handed over from another stage)."""
+  return jax.device_put(params, sharding.param_shardings(params, mesh))

@@ -1,0 +1,88 @@
+"""The only place that chains stages: SFT -> preference data -> RM -> PPO, up to `config.stage`.
+
+Each stage takes artifacts (a policy, a reward function, a tokenizer, records) and the one
+config, and returns artifacts; no stage module imports another. Before anything runs, the
+config is validated (`validate.py`) and the artifacts named by `sft_checkpoint` /
+`rm_checkpoint` are checked against it, so a PPO setting error is found before SFT trains.
+A finished stage in the workdir (its `summary.json` written, its checkpoint at the
+configured step) is reused, an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from absl import logging
+
+from rlhf_jax import artifacts, sharding, validate
+from rlhf_jax.data import records as records_lib, tasks
+from rlhf_jax.stages import ppo, preferences, rm, sft
+
+
+@dataclasses.dataclass
+class Result:
+  metrics: dict[str, float]  # the last stage's final metrics
+  policy: artifacts.Policy | None = None  # the SFT policy
+  reward: artifacts.RewardFunction | None = None
+  stages: dict[str, Any] = dataclasses.field(default_factory=dict)  # stage -> its Result
+
+
+def run(config, workdir: str | None, mesh=None) -> Result:
+  """Runs (or reuses) every stage up to `config.stage`."""
+  validate.check(config)
+  mesh = mesh or sharding.make_mesh(config.mesh)
+  validate.check_artifacts(config)
+  out = Result({})
+  out.policy = _policy(config, workdir, mesh, out)
+  if config.stage == "sft":
+    return out
+  rm_metrics = {}
+  if config.stage == "rm" or config.ppo.reward == "model":
+    out.reward, rm_metrics = _reward(config, workdir, mesh, out)
+    if config.stage == "rm":
+      return out
+    if out.reward.tokenizer.vocab_size != out.policy.tokenizer.vocab_size:
+      raise ValueError("the reward model and the policy use different tokenizers; train the "
+                       "RM from this SFT run (same workdir) or pass matching checkpoints.")
+  result = ppo.run(config, out.policy, out.reward, records_lib.load_prompts(config), mesh,
+                   workdir, rm_metrics)
+  out.stages["ppo"], out.metrics = result, result.metrics
+  return out
+
+
+def _policy(config, workdir, mesh, out: Result) -> artifacts.Policy:
+  """The SFT policy: `sft_checkpoint`, else the finished run in `<workdir>/sft`, else trained
+  (or resumed) now."""
+  path = config.get("sft_checkpoint", "")
+  sft_dir = artifacts.stage_dir(workdir, "sft")
+  if path or artifacts.finished(sft_dir, config.sft.train.num_steps):
+    path = path or sft_dir
+    logging.info("[pipeline] reusing the finished SFT policy in %s", path)
+    out.metrics = artifacts.read_summary(path)
+    return artifacts.load_policy(path, mesh)
+  result = sft.run(config, records_lib.load_sft_data(config, workdir), mesh, workdir)
+  out.stages["sft"], out.metrics = result, result.metrics
+  return result.policy
+
+
+def _reward(config, workdir, mesh, out: Result):
+  """(normalised RM, its metrics): `rm_checkpoint`, else the finished run in `<workdir>/rm`,
+  else trained (or resumed) now on user pairs or pairs generated from the SFT policy."""
+  path = config.get("rm_checkpoint", "")
+  rm_dir = artifacts.stage_dir(workdir, "rm")
+  if path or artifacts.finished(rm_dir):
+    path = path or rm_dir
+    logging.info("[pipeline] reusing the finished reward model in %s", path)
+    out.metrics = artifacts.read_summary(path)
+    return artifacts.load_reward_model(path, mesh), out.metrics
+  if records_lib.uses_files(config.rm.data):
+    train, evals, names, _ = records_lib.load_records(config, "rm", "preference", "")
+    prefs, task = preferences.PreferenceData(train, evals, names), None
+  else:
+    task = tasks.get_task(config.data.task)
+    prefs = preferences.run(config, task, out.policy, mesh, workdir)
+  result = rm.run(config, out.policy, prefs, task, mesh, workdir)
+  out.stages["rm"], out.metrics = result, result.metrics
+  return result.reward, result.metrics
+

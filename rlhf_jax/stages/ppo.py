@@ -1,0 +1,274 @@
+"""PPO against a reward with a KL penalty to the SFT policy (the InstructGPT stage).
+
+One iteration (`Iteration.__call__`):
+  1. rollout     sample responses to a batch of prompts with the policy (KV cache, one
+                 program); decode them
+  2. score       the normalised RM score of prompt + response, or a programmatic reward
+                 (a bundled task's gold reward) computed on the host from the texts
+  3. experience  no gradients: log-probs of policy and frozen reference (logits /
+                 temperature), critic values; per-token reward -beta * KL_t plus the score at
+                 the last response token; advantages (`ppo.advantage_estimator`); whitening
+  4. update      ppo_epochs x minibatches of the registered policy + value losses, a fresh
+                 permutation each epoch; optional early stop on the minibatch approx-KL
+  5. beta        fixed, or Ziegler et al.'s adaptive controller
+The math is in `rl/` (`core`, `advantages`, `losses`, `ppo_fn`); this file wires networks,
+prompts and the stage runner. Reads `config.ppo` and the shared sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from rlhf_jax import artifacts, sampling, sharding
+from rlhf_jax.data import batching
+from rlhf_jax.fileio import write_json
+from rlhf_jax.models import ActorCritic, PolicyModel, ScalarHead, ValueModel
+from rlhf_jax.rl import core, ppo_fn
+from rlhf_jax.train import metrics as metrics_lib, optim, runner as runner_lib, state as state_lib
+
+LOG_KEYS = ("objective/scores", "objective/kl", "gold/reward", "loss/policy", "loss/value",
+            "policy/clipfrac", "kl_coef")
+
+
+def init_actor_critic(config, policy_cfg, policy_params, reward, mesh):
+  """(graphdef, train state, its shardings, optimizer) of what PPO trains: the policy as a
+  copy of `policy_params` (the SFT policy, which stays frozen as reference) and the critic
+  chosen by `ppo.critic`."""
+  p = config.ppo
+  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
+  init = {"policy": nnx.to_pure_dict(copy(policy_params))}
+  if p.critic == "reward":  # TRL's default: the critic is the RM, re-headed
+    init["critic"] = {"trunk": nnx.to_pure_dict(copy(reward.params["trunk"])),
+                      "value_head": nnx.to_pure_dict(copy(reward.params["reward_head"]))}
+  elif p.critic == "sft":  # SFT trunk, zero value head
+    init["critic"] = {"trunk": nnx.to_pure_dict(copy(policy_params["trunk"]))}
+  # "shared": a zero value head on the policy trunk, nothing to copy.
+
+  def create():
+    rngs = nnx.Rngs(params=config.seed)
+    if p.critic == "shared":
+      return ActorCritic(PolicyModel(policy_cfg, rngs),
+                         value_head=ScalarHead(policy_cfg, 0.0, rngs))
+    critic_cfg = reward.model_config if p.critic == "reward" else policy_cfg
+    return ActorCritic(PolicyModel(policy_cfg, rngs), critic=ValueModel(critic_cfg, rngs))
+
+  ac_graphdef, ac_params = sharding.init_sharded(create, mesh)
+  nnx.replace_by_pure_dict(ac_params, init)
+  tx = optim.make_optimizer(p.optim)
+  state, shardings = state_lib.create_train_state(ac_params, tx, mesh)
+  return ac_graphdef, state, shardings, tx
+
+
+@dataclasses.dataclass
+class Programs:
+  """PPO's compiled functions. `calls` maps each name to (function, abstract arguments of its
+  first call), for cost analysis and HLO dumps (benchmarks/)."""
+  sampler: Callable
+  score: Callable | None  # jitted RM score, None with a programmatic reward
+  experience: Callable
+  train_step: Callable
+  calls: dict[str, tuple[Callable, Any]] = dataclasses.field(default_factory=dict)
+
+  def call(self, name: str, *args):
+    fn = getattr(self, name)
+    if name not in self.calls:
+      self.calls[name] = (fn, jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+          if isinstance(x, jax.Array) else x, args))
+    return fn(*args)
+
+  def compiled(self) -> dict[str, int]:
+    """Programs compiled per function: 1 each means no recompilation across iterations."""
+    return {k: getattr(self, k)._cache_size() for k in ("sampler", "score", "experience",
+                                                          "train_step") if getattr(self, k)}
+
+
+@dataclasses.dataclass
+class Rollout:
+  batch: dict[str, jax.Array]  # seq, seq_mask [B, P+N]; response, mask [B, N] (on the mesh)
+  tokens: np.ndarray  # [B, N] sampled response tokens (host)
+  mask: np.ndarray  # [B, N]
+  logprobs: np.ndarray  # [B, N] log-probs recorded while sampling
+  index: np.ndarray  # [B] prompt indices
+  texts: list[str]  # decoded responses
+
+
+class Iteration:
+  """One PPO iteration as `(state, ref_params, prompts, it, beta) -> (state, metrics, beta,
+  rollout)`, and its parts `rollout`, `experience` and `update`."""
+
+  def __init__(self, config, mesh, ac_graphdef, policy: artifacts.Policy, reward, tx,
+               shardings, gold_fn: Callable | None = None):
+    """`gold_fn(index, texts) -> [B] float32` or None: a programmatic reward of the decoded
+    responses (the scores when `reward` is None, a metric otherwise)."""
+    p = config.ppo
+    self.config, self.mesh, self.reward, self.gold_fn = config, mesh, reward, gold_fn
+    self.tok = policy.tokenizer
+    self.hp = core.RLParams.from_config(p, config.sampling.temperature)
+    eos_id = self.tok.eos_id
+    sampler = sampling.make_sampler(
+        policy.graphdef, sampling.from_config(config.sampling, config.data.max_completion_len),
+        eos_id, self.tok.pad_id)
+    score = None if reward is None else jax.jit(reward.score)
+    hp, ref_graphdef = self.hp, policy.graphdef
+    experience = jax.jit(lambda ac, ref, batch, scores, beta: ppo_fn.experience(
+        ac_graphdef, ref_graphdef, ac, ref, batch, scores, beta, hp, eos_id))
+    batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in ppo_fn.EXP_KEYS}
+    train_step = state_lib.make_train_step(ac_graphdef, lambda m, b: ppo_fn.loss(m, b, hp), tx,
+                                           mesh, shardings, batch_sh, p.optim.grad_accum_steps)
+    self.programs = Programs(sampler, score, experience, train_step.jitted)
+
+  def rollout(self, state, prompts, it: int) -> Rollout:
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), it)
+    b = sharding.shard_batch({k: prompts[k] for k in ("tokens", "mask", "index")}, self.mesh)
+    out = self.programs.call("sampler", state.params["policy"], b["tokens"], b["mask"], rng)
+    batch = {"seq": jnp.concatenate([b["tokens"], out["tokens"]], axis=1),
+             "seq_mask": jnp.concatenate([b["mask"], out["mask"]], axis=1),
+             "response": out["tokens"], "mask": out["mask"]}
+    # Every process gets the whole global batch (its rows are spread over processes), so
+    # host-side numbers are the same everywhere.
+    tokens, mask, logprobs, index = sharding.to_host((out["tokens"], out["mask"],
+                                                      out["logprobs"], b["index"]))
+    return Rollout(batch, tokens, mask, logprobs, index, sampling.decode_rows(self.tok, tokens, mask))
+
+  def experience(self, state, ref_params, rollout: Rollout, beta: float, gold):
+    """(experience as host arrays, metrics) with the RM's scores, or `gold` as the scores."""
+    if self.reward is not None:
+      scores = self.programs.call("score", self.reward.params, rollout.batch["seq"],
+                                  rollout.batch["seq_mask"])
+    else:
+      scores = sharding.shard_global_batch({"s": gold}, self.mesh)["s"]
+    exp, metrics = self.programs.call("experience", state.params, ref_params, rollout.batch,
+                                      scores, jnp.float32(beta))
+    exp = sharding.to_host(exp)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics["policy/sample_logprob_gap"] = float(np.abs(rollout.logprobs - exp["old_logp"]).max())
+    return exp, metrics
+
+  def update(self, state, exp, it: int):
+    """ppo_epochs x num_minibatches steps; (state, mean metrics of the steps run)."""
+    p, bs = self.config.ppo, self.config.ppo.data.batch_size
+    rows, stopped_early = [], False
+    mb = bs // p.num_minibatches
+    for epoch in range(p.ppo_epochs):
+      perm = np.random.default_rng([self.config.seed, it, epoch]).permutation(bs)
+      for k in range(p.num_minibatches):
+        idx = perm[k * mb:(k + 1) * mb]
+        mb_batch = sharding.shard_global_batch({key: exp[key][idx] for key in ppo_fn.EXP_KEYS},
+                                               self.mesh)
+        state, m = self.programs.call("train_step", state, mb_batch)
+        m = {key: float(v) for key, v in jax.device_get(m).items()}
+        metrics_lib.check_finite(it, m)
+        rows.append(m)
+        stopped_early = bool(p.target_approxkl and m["policy/approxkl"] > p.target_approxkl)
+        if stopped_early:
+          break
+      if stopped_early:
+        break
+    metrics = metrics_lib.mean_metrics(rows)
+    metrics["policy/first_minibatch_ratio"] = rows[0]["val/ratio"]
+    metrics["policy/epochs_stopped_early"] = float(stopped_early)
+    return state, metrics
+
+  def __call__(self, state, ref_params, prompts, it: int, beta: float):
+    p = self.config.ppo
+    t0 = time.perf_counter()
+    with sharding.use_mesh(self.mesh):
+      rollout = self.rollout(state, prompts, it)
+      t_rollout = time.perf_counter()
+      gold = None if self.gold_fn is None else self.gold_fn(rollout.index, rollout.texts)
+      exp, metrics = self.experience(state, ref_params, rollout, beta, gold)
+      t_exp = time.perf_counter()
+      state, update_metrics = self.update(state, exp, it)
+    metrics.update(update_metrics)
+    if gold is not None:
+      metrics["gold/reward"] = float(np.mean(gold))
+    metrics["kl_coef"] = beta
+    if p.adaptive_kl:
+      beta = core.adaptive_kl_coef(beta, metrics["objective/kl"], p.kl_target, p.kl_horizon,
+                                   p.data.batch_size)
+    t_end = time.perf_counter()
+    metrics.update({"time/rollout_s": t_rollout - t0, "time/experience_s": t_exp - t_rollout,
+                    "time/update_s": t_end - t_exp, "time/iteration_s": t_end - t0})
+    return state, metrics, beta, rollout
+
+
+@dataclasses.dataclass
+class Result:
+  metrics: dict[str, float]  # the last iteration's metrics and the held-out summary
+  state: Any  # the final TrainState of the actor-critic
+  compiled: dict[str, int]  # programs per compiled function
+
+
+def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | None,
+        rm_metrics: dict | None = None) -> Result:
+  """Trains the SFT `policy` against `reward` (an `artifacts.RewardFunction`, or None to score
+  with the task's gold reward). `prompts`: `train`, `eval` prompt lists and `task` (or None)."""
+  p, tok = config.ppo, policy.tokenizer
+  ac_graphdef, state, shardings, tx = init_actor_critic(config, policy.model_config,
+                                                        policy.params, reward, mesh)
+  task, train_prompts = prompts.task, prompts.train
+  gold_fn = None
+  if task is not None:
+    gold_fn = lambda index, texts: np.array(
+        [task.gold_reward(train_prompts[i], t) for i, t in zip(index, texts)], np.float32)
+  iterate = Iteration(config, mesh, ac_graphdef, policy, reward, tx, shardings, gold_fn)
+  arrays = batching.prompt_arrays(train_prompts, tok, config.data.max_prompt_len)
+  arrays["index"] = np.arange(len(train_prompts))
+  batches = batching.EpochIterator(arrays, p.data.batch_size, config.seed,
+                                   *sharding.process_block(mesh))
+  carry = {"kl_coef": float(p.kl_coef)}
+
+  def step(it, state, prompt_batch):
+    state, metrics, carry["kl_coef"], rollout = iterate(state, policy.params, prompt_batch, it,
+                                                        carry["kl_coef"])
+    if p.train.sample_every and (it % p.train.sample_every == 0 or it == 1):
+      for i, text in list(zip(rollout.index, rollout.texts))[:p.train.num_samples_shown]:
+        logging.info("[ppo] sample | %s | %s", train_prompts[i], text)
+    return state, metrics
+
+  runner = runner_lib.StageRunner("ppo", workdir, runner_lib.LoopConfig.from_section(
+      p.train, num_steps=p.num_iterations))
+  state, last = runner.run(step, state, batches, carry=carry, log_keys=LOG_KEYS)
+  compiled = iterate.programs.compiled()  # before the summary samples with the same sampler
+  summary = _summary(config, policy, reward, state, iterate.programs.sampler, prompts, mesh)
+  summary["final/kl"] = last.get("objective/kl", float("nan"))
+  for key in ("eval_accuracy", "eval_gold_agreement"):
+    if key in (rm_metrics or {}):
+      summary[f"rm/{key}"] = rm_metrics[key]
+  runner.writer.write(p.num_iterations, summary)
+  runner.close()
+  out_dir = artifacts.stage_dir(workdir, "ppo")
+  if out_dir and jax.process_index() == 0:
+    write_json(f"{out_dir}/{artifacts.SUMMARY}", summary)
+  for k, v in sorted(summary.items()):
+    logging.info("[ppo] summary %s = %.4f", k, v)
+  return Result({**last, **summary}, state, compiled)
+
+
+def _summary(config, policy, reward, state, sampler, prompts, mesh) -> dict[str, float]:
+  """Gold reward and RM score of the SFT vs the PPO policy on the same held-out prompts."""
+  d, bs = config.data, config.ppo.data.batch_size
+  score_fn = None if reward is None else jax.jit(
+      lambda p, t, m: artifacts.eval_model(reward.graphdef, p)(t, m))
+  out = {}
+  for name, params in (("sft", policy.params), ("ppo", state.params["policy"])):
+    texts = sampling.sample_texts(sampler, params, policy.tokenizer, prompts.eval, mesh,
+                                  d.max_prompt_len, bs, jax.random.PRNGKey(config.seed + 7))
+    if reward is not None:
+      raw = artifacts.raw_scores(reward.graphdef, reward.params, policy.tokenizer, prompts.eval,
+                                 texts, d.max_prompt_len, d.max_completion_len, bs, mesh,
+                                 score_fn)
+      out[f"final/{name}_rm_score"] = float(np.mean(reward.gain * raw + reward.bias))
+    if prompts.task is not None:
+      out[f"final/{name}_gold_reward"] = float(np.mean(
+          [prompts.task.gold_reward(q, a) for q, a in zip(prompts.eval, texts)]))
+  return out

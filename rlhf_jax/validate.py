@@ -1,0 +1,166 @@
+"""Every enum and cross-field constraint of a run's config, checked before any stage runs.
+
+Each error is one `ValueError` line naming the config key and the fix. `check(config)` reads
+only the config; `check_artifacts(config)` also reads the folders named by `sft_checkpoint` /
+`rm_checkpoint` (their network shape decides, e.g., whether PPO may use it).
+"""
+
+from __future__ import annotations
+
+import os
+
+from rlhf_jax import config as config_lib
+from rlhf_jax.data import tasks
+from rlhf_jax.data.tokenizer import TOKENIZER_KINDS
+from rlhf_jax.models import TransformerConfig
+from rlhf_jax.rl import advantages, core, losses
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _choice(key: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"{key} is {value!r}; choose one of {tuple(choices)}.")
+
+
+def _positive(key: str, value) -> None:
+  if not value > 0:
+    raise ValueError(f"{key} must be positive, got {value!r}.")
+
+
+def check(config) -> None:
+  """Raises ValueError naming the first bad key of `config`."""
+  _choice("stage", config.stage, config_lib.STAGES)
+  _check_shared(config)
+  for name in config_lib.stages_of(config):
+    _check_optim(f"{name}.optim", config[name].optim)
+  _check_sft(config)
+  if "rm" in config:
+    _check_rm(config)
+  if "ppo" in config:
+    _check_ppo(config)
+
+
+def _check_shared(config) -> None:
+  t, d, s = config.tokenizer, config.data, config.sampling
+  _choice("tokenizer.kind", t.kind, TOKENIZER_KINDS)
+  if t.chat and t.kind != "hf":
+    raise ValueError(f"tokenizer.chat needs a chat template, which only tokenizer.kind='hf' "
+                     f"has (kind is {t.kind!r}).")
+  if t.kind == "hf" and not t.model_path:
+    raise ValueError("tokenizer.kind='hf' needs tokenizer.model_path: a Hugging Face tokenizer "
+                     "directory, a GGUF file, or a bundled model name.")
+  _choice("data.task", d.task, sorted(tasks.TASKS))
+  _choice("data.truncation", d.truncation, ("truncate", "error"))
+  _positive("data.max_prompt_len", d.max_prompt_len)
+  _positive("data.max_completion_len", d.max_completion_len)
+  if s.temperature < 0 or not 0 < s.top_p <= 1 or s.top_k < 0 or s.min_new_tokens < 0:
+    raise ValueError("sampling: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, "
+                     f"min_new_tokens >= 0; got {s.to_dict()}.")
+  if not config.init_from:  # else the pretrained checkpoint decides the architecture
+    TransformerConfig.from_config(dict(config.model, vocab_size=256))
+
+
+def _check_optim(key: str, o) -> None:
+  _positive(f"{key}.learning_rate", o.learning_rate)
+  _choice(f"{key}.schedule", o.schedule, SCHEDULES)
+  if o.schedule != "constant" and o.decay_steps <= o.warmup_steps:
+    raise ValueError(f"{key}.decay_steps ({o.decay_steps}) must exceed {key}.warmup_steps "
+                     f"({o.warmup_steps}) with schedule {o.schedule!r}.")
+  if o.grad_accum_steps < 1:
+    raise ValueError(f"{key}.grad_accum_steps must be >= 1, got {o.grad_accum_steps}.")
+
+
+def _check_batch(key: str, batch_size: int, accum: int, accum_key: str) -> None:
+  _positive(key, batch_size)
+  if batch_size % accum:
+    raise ValueError(f"{key} ({batch_size}) does not divide into {accum_key}={accum} "
+                     "micro-batches; choose a divisor.")
+
+
+def _check_files(key: str, d) -> None:
+  if d.train_path and not d.eval_path:
+    raise ValueError(f"{key}.train_path is set but {key}.eval_path is not; give a held-out JSONL.")
+
+
+def _check_sft(config) -> None:
+  s = config.sft
+  _choice("sft.data.loss_on", s.data.loss_on, ("completion", "all"))
+  _check_files("sft.data", s.data)
+  _check_batch("sft.data.batch_size", s.data.batch_size, s.optim.grad_accum_steps,
+               "sft.optim.grad_accum_steps")
+  _positive("sft.train.num_steps", s.train.num_steps)
+
+
+def _check_rm(config) -> None:
+  r = config.rm
+  _choice("rm.init", r.init, ("sft", "scratch"))
+  _choice("rm.data.bad_pairs", r.data.bad_pairs, ("drop", "error"))
+  _check_files("rm.data", r.data)
+  k = r.data.samples_per_prompt
+  if k < 2 or k % 2:
+    raise ValueError(f"rm.data.samples_per_prompt must be even and >= 2, got {k}.")
+  if r.data.annotator_temperature < 0:
+    raise ValueError(f"rm.data.annotator_temperature must be >= 0, got "
+                     f"{r.data.annotator_temperature}.")
+  _check_batch("rm.data.batch_size", r.data.batch_size, r.optim.grad_accum_steps,
+               "rm.optim.grad_accum_steps")
+  _positive("rm.data.generation_batch_size", r.data.generation_batch_size)
+  _positive("rm.train.num_steps", r.train.num_steps)
+
+
+def _check_ppo(config) -> None:
+  p = config.ppo
+  _choice("ppo.reward", p.reward, ("model", "gold"))
+  _choice("ppo.critic", p.critic, ("reward", "sft", "shared"))
+  core.KL_ESTIMATORS.check(p.kl_estimator)
+  advantages.ADVANTAGE_ESTIMATORS.check(p.advantage_estimator)
+  losses.POLICY_LOSSES.check(p.policy_loss)
+  losses.VALUE_LOSSES.check(p.value_loss)
+  if p.reward == "gold" and (p.data.prompts_path or config.rm_checkpoint):
+    raise ValueError("ppo.reward='gold' scores with a bundled task: unset ppo.data.prompts_path "
+                     "and rm_checkpoint, or use ppo.reward='model'.")
+  if p.reward == "gold" and p.critic == "reward":
+    raise ValueError("ppo.critic='reward' starts the critic from the reward model, which "
+                     "ppo.reward='gold' does not train; set --config.ppo.critic=sft or shared.")
+  if p.data.prompts_path and not p.data.eval_prompts_path:
+    raise ValueError("ppo.data.prompts_path is set but ppo.data.eval_prompts_path is not; give "
+                     "held-out prompts for the final SFT-vs-PPO comparison.")
+  bs = p.data.batch_size
+  _positive("ppo.data.batch_size", bs)
+  if bs % p.num_minibatches:
+    raise ValueError(f"ppo.data.batch_size {bs} must divide by ppo.num_minibatches "
+                     f"{p.num_minibatches}.")
+  _check_batch("ppo.data.batch_size / ppo.num_minibatches", bs // p.num_minibatches,
+               p.optim.grad_accum_steps, "ppo.optim.grad_accum_steps")
+  for key in ("num_iterations", "ppo_epochs", "num_minibatches"):
+    _positive(f"ppo.{key}", p[key])
+  if not config.sft_checkpoint and not config.init_from:
+    _check_ppo_network(config.model.moe.num_experts, config.model.moe.dropless,
+                       config.model.moe.router_jitter, "model.moe")
+
+
+def _check_ppo_network(num_experts, dropless, router_jitter, where: str) -> None:
+  if num_experts and not (dropless and router_jitter == 0):
+    # Capacity-based routing drops tokens depending on which tokens are routed together, so
+    # one-token decode steps and the training forward would disagree: ratio != 1.
+    raise ValueError(f"PPO with an MoE policy needs {where}.dropless=True and "
+                     f"{where}.router_jitter=0 (sampler and training forward must agree); "
+                     "train SFT with them, e.g. --config=configs/ppo.py:moe.")
+
+
+def check_artifacts(config) -> None:
+  """Checks the finished folders the config names (cheap: JSON files, no weights)."""
+  for key, files in (("sft_checkpoint", ("model_config.json", "tokenizer.json")),
+                     ("rm_checkpoint", ("model_config.json", "tokenizer.json",
+                                        "normalization.json"))):
+    path = config.get(key, "")
+    for name in files if path else ():
+      if not os.path.exists(os.path.join(path, name)):
+        raise FileNotFoundError(f"{key}={path}: no {name}; expected the "
+                                f"'{key.split('_')[0]}' folder of a finished run.")
+  if "ppo" in config and config.sft_checkpoint:
+    from rlhf_jax import artifacts  # pylint: disable=g-import-not-at-top
+    m = artifacts.read_model_config(config.sft_checkpoint).moe
+    _check_ppo_network(m.num_experts, m.dropless, m.router_jitter,
+                       f"the policy in {config.sft_checkpoint}: model.moe")
