@@ -1,11 +1,17 @@
-"""Per-device memory estimate of a stage: every network it holds, before anything is allocated.
+"""Per-device memory estimate of a stage of a run: every network it holds, before anything is
+allocated.
+
+`estimate(config, stage=...)` reads the one config of the run: the network from the shared
+`model`, `tokenizer` and `init_from` (every stage's networks share that shape), sequence lengths
+from the shared `data`, the mesh from the one `mesh`, and batch sizes and micro-batches from the
+stage's own section (`<stage>.data`, `<stage>.optim`; PPO's keys from `ppo`).
 
 For each network (PPO: the trained policy and critic, the frozen reference policy and reward
 model) the parameter bytes per device are exact: the model is built abstractly
 (`nnx.eval_shape`) and each parameter's shard shape follows from its logical axes, the
 rules table and the mesh, as `sharding.param_shardings` places it. Trained networks add
 gradients and AdamW's two moments (in the parameter dtype, as optax keeps them), plus a
-gradient accumulator with `optim.grad_accum_steps` > 1.
+gradient accumulator with `<stage>.optim.grad_accum_steps` > 1.
 
 Activations are an analytic model of what a step keeps per device (batch rows split over
 data x fsdp x expert; heads, MLP and vocab over tensor; no rematerialisation), per token
@@ -38,7 +44,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import sharding
+from rlhf_jax import config as config_lib, sharding
 from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, ValueModel
 
 GIB = 1024 ** 3
@@ -108,13 +114,13 @@ def _abstract_params(model_cls, cfg: TransformerConfig):
                for v in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def _vocab_size(sft_cfg) -> tuple[int, str]:
-  """The vocabulary the stage will have once its tokenizer exists, and where it came from."""
-  t = sft_cfg.tokenizer
+def _vocab_size(config) -> tuple[int, str]:
+  """The vocabulary the run will have once its tokenizer exists, and where it came from."""
+  t = config.tokenizer
   if t.kind == "byte":
     from rlhf_jax.data.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
     return ByteTokenizer.vocab_size, "byte tokenizer"
-  init_from = sft_cfg.get("init_from", "")
+  init_from = config.get("init_from", "")
   cfg_json = os.path.join(init_from, "config.json") if init_from else ""
   if cfg_json and os.path.exists(cfg_json):
     with open(cfg_json) as f:
@@ -122,9 +128,9 @@ def _vocab_size(sft_cfg) -> tuple[int, str]:
   return int(t.vocab_size), "tokenizer.vocab_size"
 
 
-def _model_config(sft_cfg) -> tuple[TransformerConfig, str]:
-  vocab, source = _vocab_size(sft_cfg)
-  return TransformerConfig.from_config(dict(sft_cfg.model, vocab_size=vocab)), source
+def _model_config(config) -> tuple[TransformerConfig, str]:
+  vocab, source = _vocab_size(config)
+  return TransformerConfig.from_config(dict(config.model, vocab_size=vocab)), source
 
 
 class _Activations:
@@ -176,39 +182,44 @@ def _trained(name: str, param_bytes: float, accum: int) -> list[Part]:
   return parts
 
 
-def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> Estimate:
-  """Per-device estimate for `config` (any stage) on `num_devices` (default: all devices)."""
+def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             stage: str | None = None) -> Estimate:
+  """Per-device estimate of `stage` (default: the run's last, `config.stage`) of the run
+  `config` on `num_devices` (default: all devices)."""
+  stage = stage or config.stage
+  if stage not in config_lib.stages_of(config):
+    raise ValueError(f"stage {stage!r} is not one of this run's stages "
+                     f"{config_lib.stages_of(config)} (config.stage is {config.stage!r}).")
   num_devices = num_devices or jax.device_count()
   mesh = resolve_mesh(config.mesh, num_devices)
-  # The SFT config decides the network shape of every stage (RM and critic reuse it).
-  sft_cfg = {"sft": lambda: config, "rm": lambda: config.sft, "ppo": lambda: config.rm.sft}[
-      config.stage]()
-  model_cfg, vocab_source = _model_config(sft_cfg)
+  # The shared model decides the network shape of every stage (RM and critic reuse it).
+  model_cfg, vocab_source = _model_config(config)
   act = _Activations(model_cfg, mesh)
-  d = config.data
+  d = config.data  # the shared lengths
+  s = config[stage]  # the stage's batch sizes and micro-batches
   t = d.max_prompt_len + d.max_completion_len
-  accum = config.optim.grad_accum_steps
+  accum = s.optim.grad_accum_steps
   policy_b, policy_n = network_params(PolicyModel, model_cfg, mesh)
   counts = {"policy": policy_n}
   notes = [f"vocab {model_cfg.vocab_size} ({vocab_source})"]
   resident, phases = [], []
-  if config.stage == "sft":
+  if stage == "sft":
+    bs = s.data.batch_size
     resident += _trained("policy", policy_b, accum)
-    phases.append(Part(f"train step activations ({d.batch_size // accum} rows x {t})",
-                       act.train(d.batch_size // accum, t,
-                                 min(t - 1, model_cfg.ce_chunk_len or t))))
+    phases.append(Part(f"train step activations ({bs // accum} rows x {t})",
+                       act.train(bs // accum, t, min(t - 1, model_cfg.ce_chunk_len or t))))
     phases.append(Part("eval sampling (KV cache + prefill)",
-                       act.generate(d.batch_size, d.max_prompt_len, d.max_completion_len)))
-  elif config.stage == "rm":
+                       act.generate(bs, d.max_prompt_len, d.max_completion_len)))
+  elif stage == "rm":
     rm_b, rm_n = network_params(RewardModel, model_cfg, mesh)
     counts["reward model"] = rm_n
     resident += _trained("reward model", rm_b, accum)
     resident.append(Part("SFT policy params (frozen)", policy_b))
-    rows = 2 * d.batch_size // accum  # chosen and rejected in one forward
+    rows = 2 * s.data.batch_size // accum  # chosen and rejected in one forward
     phases.append(Part(f"train step activations ({rows} rows x {t})",
                        act.train(rows, t, logit_positions=0)))
     phases.append(Part("preference sampling (KV cache + prefill)",
-                       act.generate(d.generation_batch_size, d.max_prompt_len,
+                       act.generate(s.data.generation_batch_size, d.max_prompt_len,
                                     d.max_completion_len)))
   else:
     p = config.ppo
@@ -222,7 +233,8 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       rm_b, rm_n = network_params(RewardModel, model_cfg, mesh)
       counts["reward model"] = rm_n
       resident.append(Part("reward model params (frozen)", rm_b))
-    b, mb = d.batch_size, d.batch_size // p.num_minibatches // accum
+    b = p.data.batch_size
+    mb = b // p.num_minibatches // accum
     phases.append(Part(f"rollout ({b} prompts: KV cache + prefill)",
                        act.generate(b, d.max_prompt_len, d.max_completion_len)))
     # Policy and reference logits (on the response only) are alive together; critic and RM
@@ -234,7 +246,7 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     phases.append(Part(f"train step activations ({mb} rows x {t})", train))
   if model_cfg.moe.num_experts:
     notes.append("MoE: expert weights exact, activations counted as a dense FFN")
-  return Estimate(config.stage, mesh, resident, phases, counts, notes)
+  return Estimate(stage, mesh, resident, phases, counts, notes)
 
 
 class _ValueHeadOnly(nnx.Module):
@@ -262,8 +274,8 @@ def report(est: Estimate, device_bytes: float | None = None) -> str:
   lines.append(f"  {'total (resident + peak phase)':<42s} {_size(est.total_bytes)}")
   if device_bytes:
     verdict = "fits" if est.total_bytes <= 0.9 * device_bytes else (
-        "DOES NOT FIT: add fsdp/tensor devices, raise optim.grad_accum_steps, lower the batch "
-        "or use model.param_dtype=bfloat16")
+        f"DOES NOT FIT: add fsdp/tensor devices, raise {est.stage}.optim.grad_accum_steps, "
+        f"lower {est.stage}.data.batch_size or use model.param_dtype=bfloat16")
     lines.append(f"  device memory {device_bytes / GIB:.1f} GiB: {verdict}")
   return "\n".join(lines)
 
@@ -284,7 +296,9 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   device_bytes = _DEVICE_GIB.value * GIB if _DEVICE_GIB.value else None
-  print(report(estimate(cfg, _NUM_DEVICES.value or None), device_bytes or 0.0))
+  stages = [_STAGE.value] if _STAGE.value else config_lib.stages_of(cfg)
+  print("\n\n".join(report(estimate(cfg, _NUM_DEVICES.value or None, stage=stage),
+                            device_bytes or 0.0) for stage in stages))
 
 
 if __name__ == "__main__":
@@ -297,5 +311,8 @@ if __name__ == "__main__":
                                       "machine's), e.g. 16 for a TPU v4-32 slice.")
   _DEVICE_GIB = flags.DEFINE_float("device_gib", 0.0, "Memory per device to compare with, "
                                    "in GiB (0: do not compare).")
+  _STAGE = flags.DEFINE_enum("stage", "", ["", *config_lib.STAGES], "The stage to estimate "
+                             "('': every stage of the config's run, e.g. SFT, RM and PPO "
+                             "for configs/ppo.py).")
   flags.mark_flag_as_required("config")
   app.run(main)

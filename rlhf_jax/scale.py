@@ -8,14 +8,21 @@ memory settings for each target machine.
 Targets: `1gpu` (one 80 GB A100/H100), `8gpu` (one node of 8), `v4-32` (TPU v4-32: 16 chips
 of 32 GiB, 4 hosts) and `v5e-16` (16 chips of 16 GiB, 4 hosts). `python -m rlhf_jax.memory
 --config=configs/ppo.py:7b-8gpu --num_devices=8 --device_gib=80` prints the per-device
-estimate of a preset on its machine without needing the machine; README lists them.
+estimate of every stage of a preset's run on its machine without needing the machine; README
+lists them.
+
+A preset sets the shared sections once (`model`, `tokenizer`, `data.max_prompt_len` /
+`data.max_completion_len` = 128 / 128, the one `mesh`) and, in each stage section the run
+has, its batch size (`sft.data.batch_size`, `rm.data.batch_size` and
+`rm.data.generation_batch_size`, `ppo.data.batch_size` with `ppo.num_minibatches`), learning
+rate and micro-batches (`<stage>.optim.learning_rate`, `<stage>.optim.grad_accum_steps`).
 
 The shapes are LLaMA's (vocabulary 32000): 125m is GPT-3-small sized (d 768, 12 layers),
 1b is TinyLlama-1.1B, 7b is LLaMA-2-7B. On the bundled task the tokenizer is a 32000-piece
 SentencePiece model trained on the fly and the networks start from scratch; for real work
-start SFT from a checkpoint of that shape (`--config.rm.sft.init_from=DIR` with
-`--config.rm.sft.tokenizer.kind=hf --config.rm.sft.tokenizer.model_path=DIR`), which then
-decides the architecture.
+start SFT from a checkpoint of that shape (`--config.init_from=DIR` with
+`--config.tokenizer.kind=hf --config.tokenizer.model_path=DIR`), which then decides the
+architecture.
 """
 
 from __future__ import annotations
@@ -74,73 +81,66 @@ def _parse(preset: str) -> tuple[str, str | None, dict]:
   return size, target or None, tuned
 
 
-def _mesh(c: ml_collections.ConfigDict, tuned: dict):
-  # A target's mesh is fixed (no -1): on another machine the mesh error says so, rather than
-  # a layout the memory estimate did not check running out of memory later.
-  c.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
-  c.mesh.update(tuned["mesh"])
-
-
-def apply_sft(c: ml_collections.ConfigDict, preset: str) -> None:
+def apply(c: ml_collections.ConfigDict, preset: str) -> None:
+  """Sets `preset` on the config of a run: the shared sections, and each stage section `c`
+  has (`sft`; `sft` and `rm`; or all three)."""
   size, _, tuned = _parse(preset)
+  lr_sft, lr_rm, lr_ppo = _LR[size]
   c.model.update(SIZES[size])
   c.model.update(rope_theta=10_000.0, rms_norm_eps=1e-5, dtype="bfloat16",
                  param_dtype="bfloat16" if tuned.get("bf16") else "float32")
   c.tokenizer.update(kind="sentencepiece", vocab_size=32000)
-  c.data.update(batch_size=64, max_prompt_len=128, max_completion_len=128)
-  c.optim.update(learning_rate=_LR[size][0], warmup_steps=50, decay_steps=1000,
-                 grad_accum_steps=tuned["grad_accum"])
-  c.train.update(num_steps=1000, log_every=10, eval_every=250, checkpoint_every=250)
-  _mesh(c, tuned)
+  c.data.update(max_prompt_len=128, max_completion_len=128)
+  # A target's mesh is fixed (no -1): on another machine the mesh error says so, rather than
+  # a layout the memory estimate did not check running out of memory later.
+  c.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+  c.mesh.update(tuned["mesh"])
+  c.sft.data.batch_size = 64
+  c.sft.optim.update(learning_rate=lr_sft, warmup_steps=50, decay_steps=1000,
+                     grad_accum_steps=tuned["grad_accum"])
+  c.sft.train.update(num_steps=1000, log_every=10, eval_every=250, checkpoint_every=250)
+  if "rm" in c:
+    c.rm.data.update(batch_size=64, generation_batch_size=64)
+    c.rm.optim.update(learning_rate=lr_rm, grad_accum_steps=tuned["grad_accum"])
+  if "ppo" in c:
+    c.ppo.data.batch_size = 64
+    c.ppo.num_minibatches = 4
+    # A micro-batch needs a row per batch shard: split a minibatch no further than that.
+    shards = c.mesh.data * c.mesh.fsdp * c.mesh.expert
+    minibatch = c.ppo.data.batch_size // c.ppo.num_minibatches
+    c.ppo.optim.update(learning_rate=lr_ppo,
+                       grad_accum_steps=max(1, min(tuned["grad_accum"],
+                                                   minibatch // max(shards, 1))))
 
 
-def apply_rm(c: ml_collections.ConfigDict, preset: str) -> None:
-  """`c.sft` must already be the same preset's SFT config."""
-  _, _, tuned = _parse(preset)
-  c.data.update(batch_size=64, generation_batch_size=64, max_prompt_len=128,
-                max_completion_len=128)
-  c.optim.update(learning_rate=_LR[preset.split("-")[0]][1], grad_accum_steps=tuned["grad_accum"])
-  _mesh(c, tuned)
+# Plain data parallelism over whatever devices there are: what `fit_overrides` sets.
+DATA_PARALLEL = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.expert": 1}
 
 
-def apply_ppo(c: ml_collections.ConfigDict, preset: str) -> None:
-  """`c.rm` must already be the same preset's RM config."""
-  _, _, tuned = _parse(preset)
-  c.data.update(batch_size=64, max_prompt_len=128, max_completion_len=128)
-  c.ppo.update(num_minibatches=4)
-  _mesh(c, tuned)
-  # A micro-batch needs a row per batch shard: split a minibatch no further than that.
-  shards = c.mesh.data * c.mesh.fsdp * c.mesh.expert
-  minibatch = c.data.batch_size // c.ppo.num_minibatches
-  c.optim.update(learning_rate=_LR[preset.split("-")[0]][2],
-                 grad_accum_steps=max(1, min(tuned["grad_accum"], minibatch // max(shards, 1))))
-
-
-def stage_prefixes(stage: str) -> tuple[str, ...]:
-  """Where the stage configs sit inside a config of `stage`: '' is itself, 'rm.' its RM..."""
-  return {"sft": ("",), "rm": ("", "sft."), "ppo": ("", "rm.", "rm.sft.")}[stage]
+def accum_keys(cfg) -> list[str]:
+  """The micro-batch key of every stage a run of `cfg` goes through."""
+  from rlhf_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  return [f"{stage}.optim.grad_accum_steps" for stage in config_lib.stages_of(cfg)]
 
 
 def fit_overrides(config_fn, preset: str, num_devices: int, device_bytes: float | None,
                   base: dict[str, object] | None = None, headroom: float = 0.85
                   ) -> dict[str, object]:
   """Overrides (dotted key -> value): `base`, plus plain data parallelism over `num_devices`
-  with the fewest micro-batches whose memory estimate stays under `headroom` x `device_bytes`
+  (the one `mesh`) with the fewest micro-batches (`<stage>.optim.grad_accum_steps`, the same
+  in every stage of the run) whose memory estimate stays under `headroom` x `device_bytes`
   in every stage (e.g. a Colab TPU, whatever its generation). Without `device_bytes` (CPU),
   no micro-batching."""
-  from rlhf_jax import memory  # pylint: disable=g-import-not-at-top
-  overrides: dict[str, object] = dict(base or {})
-  for prefix in stage_prefixes(config_fn(preset).stage):
-    overrides.update({f"{prefix}mesh.data": -1, f"{prefix}mesh.fsdp": 1,
-                      f"{prefix}mesh.tensor": 1, f"{prefix}mesh.expert": 1})
+  from rlhf_jax import config as config_lib, memory  # pylint: disable=g-import-not-at-top
+  overrides: dict[str, object] = dict(base or {}, **DATA_PARALLEL)
   if not device_bytes:
     return overrides
   for accum in (1, 2, 4, 8, 16):
     cfg = config_fn(preset)
-    trial = dict(overrides, **{f"{p}optim.grad_accum_steps": accum
-                               for p in stage_prefixes(cfg.stage)})
+    trial = dict(overrides, **{key: accum for key in accum_keys(cfg)})
     apply_overrides(cfg, trial)
-    worst = max(memory.estimate(c, num_devices).total_bytes for c in stage_configs(cfg))
+    worst = max(memory.estimate(cfg, num_devices, stage=stage).total_bytes
+                for stage in config_lib.stages_of(cfg))
     if worst <= headroom * device_bytes:
       return trial
   raise ValueError(f"preset {preset!r} does not fit {num_devices} device(s) of "
@@ -164,7 +164,3 @@ def apply_overrides(cfg, overrides: dict[str, object]):
     node[leaf] = value
   return cfg
 
-
-def stage_configs(cfg) -> list:
-  """The config of every stage a run goes through: [ppo, rm, sft] for a PPO config, etc."""
-  return [_get(cfg, p[:-1]) if p else cfg for p in stage_prefixes(cfg.stage)]

@@ -54,13 +54,13 @@ class ColabNotebookTest(absltest.TestCase):
     exec(compile(_python_of(self.cells["config"].source), "config cell", "exec"), namespace)  # pylint: disable=exec-used
     self.assertEqual(namespace["PRESET"], "test")  # no TPU here: the CPU fallback
     config = namespace["config"]
-    self.assertEqual([c.stage for c in scale.stage_configs(config)], ["ppo", "rm", "sft"])
+    self.assertEqual(config_lib.stages_of(config), ("sft", "rm", "ppo"))
     # The command-line flags it prints set the same keys on a fresh config (keys are locked).
     flags = shlex.split(namespace["FLAGS"])
     fresh = scale.apply_overrides(config_lib.ppo_config("test"),
                                   {k: int(v) for k, v in _overrides(flags).items()})
     self.assertEqual(fresh.to_dict(), config.to_dict())
-    self.assertEqual(config.rm.sft.mesh.data, -1)
+    self.assertEqual(config.mesh.data, -1)  # the one mesh of every stage
 
 
 class TpuPodScriptTest(absltest.TestCase):
@@ -126,8 +126,8 @@ class SlurmScriptTest(absltest.TestCase):
     self.assertEqual(overrides.pop("ppo.num_iterations"), "3")
     cfg = scale.apply_overrides(config_lib.ppo_config("7b-8gpu"),
                                 {k: int(v) for k, v in overrides.items()})
-    for stage_cfg in scale.stage_configs(cfg):  # PPO, its RM, their SFT
-      self.assertEqual((stage_cfg.mesh.data, stage_cfg.mesh.fsdp), (4, 8), stage_cfg.stage)
+    self.assertEqual(config_lib.stages_of(cfg), ("sft", "rm", "ppo"))
+    self.assertEqual((cfg.mesh.data, cfg.mesh.fsdp), (4, 8))  # the one mesh of every stage
 
 
 class ReadmeTest(absltest.TestCase):

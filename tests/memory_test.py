@@ -12,18 +12,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import memory, scale, sft, sharding
+from rlhf_jax import memory, scale, sharding
+from rlhf_jax.stages import sft
 from rlhf_jax.models import PolicyModel
 from rlhf_jax.train import optim, state as state_lib
 
 GIB = 2 ** 30
 
 
-def _sft_config(mesh, **data):
+def _sft_config(mesh):
   cfg = config_lib.sft_config("")
   cfg.tokenizer.vocab_size = 512  # divides the tensor axis (the byte vocabulary, 259, does not)
   cfg.model.update(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=256)
-  cfg.data.update(batch_size=16, max_prompt_len=32, max_completion_len=32, **data)
+  cfg.data.update(max_prompt_len=32, max_completion_len=32)
+  cfg.sft.data.batch_size = 16
   cfg.mesh.update(mesh)
   return cfg
 
@@ -36,12 +38,12 @@ class CompiledStepTest(absltest.TestCase):
     mesh = sharding.make_mesh(cfg.mesh)
     model_cfg, _ = memory._model_config(cfg)  # pylint: disable=protected-access
     graphdef, params = sharding.init_sharded(lambda: PolicyModel(model_cfg, nnx.Rngs(0)), mesh)
-    tx = optim.make_optimizer(cfg.optim)
+    tx = optim.make_optimizer(cfg.sft.optim)
     state, shardings = state_lib.create_train_state(params, tx, mesh)
     batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in ("tokens", "mask", "loss_mask")}
     step = state_lib.make_train_step(graphdef, sft.sft_loss, tx, mesh, shardings, batch_sh)
     t = cfg.data.max_prompt_len + cfg.data.max_completion_len
-    batch = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, t), jnp.int32, sharding=s)
+    batch = {k: jax.ShapeDtypeStruct((cfg.sft.data.batch_size, t), jnp.int32, sharding=s)
              for k, s in batch_sh.items()}
     # Step counters (train state, AdamW, schedule): int32 scalars beside the parameter-shaped state.
     scalars = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim == 0)
@@ -55,7 +57,8 @@ class CompiledStepTest(absltest.TestCase):
       est = memory.estimate(cfg, mesh.size)
       parts = {p.name: p.bytes for p in est.resident + est.phases}
       state = parts["policy params"] + parts["policy AdamW moments"]
-      batch_bytes = 3 * 4 * cfg.data.batch_size * 64 // mesh.shape["data"] // mesh.shape["fsdp"]
+      batch_bytes = (3 * 4 * cfg.sft.data.batch_size * 64 // mesh.shape["data"]
+                     // mesh.shape["fsdp"])
       self.assertLess(parts["policy params"], 0.3 * 4 * est.param_counts["policy"])
       self.assertEqual(compiled["argument"], state + batch_bytes + scalars, mesh_cfg)
       analytic = parts["policy grads"] + parts["train step activations (16 rows x 64)"]
@@ -85,31 +88,45 @@ class ScalePresetTest(absltest.TestCase):
     for (size, target) in scale.TUNED:
       n, gib = scale.HARDWARE[target]
       preset = f"{size}-{target}"
+      full_run = config_lib.ppo_config(preset)
       for config_fn in (config_lib.sft_config, config_lib.rm_config, config_lib.ppo_config):
         cfg = config_fn(preset)
-        est = memory.estimate(cfg, n)
-        self.assertEqual(memory.resolve_mesh(cfg.mesh, n), est.mesh)
-        self.assertEqual(est.mesh["data"] * est.mesh["fsdp"], n, preset)
-        self.assertLessEqual(est.total_bytes, 0.9 * gib * GIB, f"{preset} {cfg.stage}")
-        self.assertIn("fits", memory.report(est, gib * GIB))
+        for stage in config_lib.stages_of(cfg):
+          est = memory.estimate(cfg, n, stage=stage)
+          self.assertEqual(est.stage, stage)
+          self.assertEqual(memory.resolve_mesh(cfg.mesh, n), est.mesh)
+          self.assertEqual(est.mesh["data"] * est.mesh["fsdp"], n, preset)
+          self.assertLessEqual(est.total_bytes, 0.9 * gib * GIB, f"{preset} {stage}")
+          self.assertIn("fits", memory.report(est, gib * GIB))
+          # The preset sets a stage alike whichever stages follow it in the run.
+          self.assertEqual(est.total_bytes,
+                           memory.estimate(full_run, n, stage=stage).total_bytes,
+                           f"{preset} {stage} of configs/{cfg.stage}.py")
 
   def test_preset_errors_name_the_fix(self):
     with self.assertRaisesRegex(ValueError, "7b-1gpu.*does not fit.*use 7b-8gpu"):
       config_lib.ppo_config("7b-1gpu")
     with self.assertRaisesRegex(ValueError, "choose a size .* optionally with a target"):
       config_lib.sft_config("7b-a100")
-    small = memory.estimate(config_lib.ppo_config("7b-8gpu"), 8)
+    small = memory.estimate(config_lib.ppo_config("7b-8gpu"), 8)  # the run's last stage
+    self.assertEqual(small.stage, "ppo")
     self.assertIn("DOES NOT FIT", memory.report(small, 16 * GIB))
+    self.assertIn("ppo.optim.grad_accum_steps", memory.report(small, 16 * GIB))
+    with self.assertRaisesRegex(ValueError, "'ppo' is not one of this run's stages"):
+      memory.estimate(config_lib.sft_config("test"), 1, stage="ppo")
 
   def test_fit_overrides_for_colab_tpus(self):
-    base = {f"{p}data.{k}": 24 for p in scale.stage_prefixes("ppo")
-            for k in ("max_prompt_len", "max_completion_len")}
+    base = {f"data.{k}": 24 for k in ("max_prompt_len", "max_completion_len")}  # shared
     for devices, gib in ((8, 8), (1, 16)):  # TPU v2-8 cores; one v5e chip
       overrides = scale.fit_overrides(config_lib.ppo_config, "125m", devices, gib * GIB, base)
       cfg = scale.apply_overrides(config_lib.ppo_config("125m"), overrides)
-      for stage_cfg in scale.stage_configs(cfg):
-        self.assertLessEqual(memory.estimate(stage_cfg, devices).total_bytes, 0.85 * gib * GIB)
-        self.assertEqual(stage_cfg.mesh.data, -1)
+      self.assertEqual(cfg.data.max_prompt_len, 24)
+      self.assertEqual(cfg.mesh.data, -1)  # the one mesh, for every stage
+      self.assertEqual(config_lib.stages_of(cfg), ("sft", "rm", "ppo"))
+      for stage in config_lib.stages_of(cfg):
+        self.assertIn(f"{stage}.optim.grad_accum_steps", overrides)
+        self.assertLessEqual(memory.estimate(cfg, devices, stage=stage).total_bytes,
+                             0.85 * gib * GIB, stage)
     with self.assertRaisesRegex(ValueError, "does not fit 1 device"):
       scale.fit_overrides(config_lib.ppo_config, "7b", 1, 16 * GIB)
     with self.assertRaisesRegex(KeyError, "no key 'mesh.dta'"):
