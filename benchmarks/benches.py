@@ -6,8 +6,8 @@
                  position, AdamW
   rm_step        the same train step with `rm.rm_loss` on a `RewardModel`: 8 pairs x 128,
                  chosen and rejected in one 16 x 128 forward (`rm.pair_scores`)
-  ppo_iteration  `ppo.make_iteration` (the body of `ppo.run`'s loop: sampler, experience,
-                 `ppo.ppo_loss` on `ppo.ActorCritic`) with a separate critic, a separate
+  ppo_iteration  `ppo.Iteration` (the body of `ppo.run`'s loop: sampler, RM score, experience,
+                 `ppo_fn.loss` on `ActorCritic`) with a separate critic, a separate
                  reward model and the frozen reference, built from random networks by
                  `benchmarks/ppo_iteration.py`
 
@@ -63,7 +63,7 @@ def model_config(**overrides):
 
 def make_mesh():
   from rlhf_jax import config as config_lib, sharding
-  return sharding.make_mesh(config_lib.mesh_config())  # every local device, data-parallel
+  return sharding.make_mesh(config_lib.sft_config().mesh)  # every local device, data-parallel
 
 
 def random_tokens(rng: np.random.Generator, shape) -> np.ndarray:
@@ -279,7 +279,7 @@ def _train_step_bench(args, ct, prep: Prepared, optim_cfg):
 def prepare_sft_step(seed: int = 0, cfg=None, batch: int = SFT_BATCH,
                      seq: int = SFT_SEQ) -> Prepared:
   from rlhf_jax.models import PolicyModel
-  from rlhf_jax.sft import sft_loss
+  from rlhf_jax.stages.sft import sft_loss
 
   cfg = cfg or model_config()
   rng = np.random.default_rng(seed)
@@ -292,7 +292,7 @@ def prepare_sft_step(seed: int = 0, cfg=None, batch: int = SFT_BATCH,
 
 def prepare_rm_step(seed: int = 0) -> Prepared:
   from rlhf_jax.models import RewardModel
-  from rlhf_jax.rm import rm_loss
+  from rlhf_jax.stages.rm import rm_loss
 
   rng = np.random.default_rng(seed)
   chosen = random_tokens(rng, (RM_PAIRS, RM_SEQ))
@@ -341,9 +341,9 @@ class PreparedPPO:
     self.config = ppo_it.bench_config(PPO_BATCH, PPO_PROMPT, PPO_RESPONSE, PPO_EPOCHS,
                                       PPO_MINI_BATCHES, PPO_OPTIM, seed=seed)
     self.mesh = make_mesh()
-    setup = ppo_it.build(self.config, self.cfg, self.mesh)
+    setup = ppo_it.build(self.config, self.cfg, self.mesh, eos_id=EOS_ID, pad_id=PAD_ID)
     self.n_params = _n_params(setup.state.params)
-    self.iterate = ppo_it.make_iteration(self.config, setup, eos_id=EOS_ID, pad_id=PAD_ID)
+    self.iterate = ppo_it.BenchIteration(self.config, setup)
     rng = np.random.default_rng(seed)
     self.prompts = random_tokens(rng, (iters, PPO_BATCH, PPO_PROMPT))
     self.state = setup.state
@@ -419,7 +419,7 @@ def bench_ppo_iteration(args, ct: CompileTimer) -> dict:
       **_cost(prep),
       "hlo_note": "sum over sampler (decode loop body counted once), experience, and ONE "
                   "train step (an iteration runs 4)",
-      "compiled_programs": setup_compiled(prep.iterate),
+      "compiled_programs": prep.iterate.compiled(),
       "last_metrics": {k: prep.metrics[k] for k in (
           "objective/kl", "objective/scores", "loss/policy", "loss/value",
           "policy/first_minibatch_ratio", "policy/sample_logprob_gap") if k in prep.metrics},
@@ -428,20 +428,13 @@ def bench_ppo_iteration(args, ct: CompileTimer) -> dict:
                 "optimizer_steps_per_iteration": PPO_EPOCHS * PPO_MINI_BATCHES},
       "models": "ActorCritic(policy, separate critic ValueModel) + frozen ref PolicyModel + "
                 "separate RewardModel",
-      "code": "rlhf_jax.ppo.make_iteration (make_sampler, make_experience_fn, ppo_loss on "
-              "ActorCritic, make_train_step), set up by benchmarks/ppo_iteration.py",
+      "code": "rlhf_jax.stages.ppo.Iteration (make_sampler, RM score, rl.ppo_fn.experience, "
+              "rl.ppo_fn.loss on ActorCritic, make_train_step), set up by "
+              "benchmarks/ppo_iteration.py",
       "dtype": MODEL["dtype"],
       "n_params_trained": prep.n_params,
   }
   return out
-
-
-def setup_compiled(iterate) -> dict:
-  """Programs compiled per jitted function (1 each = no recompilation across iterations)."""
-  try:
-    return {k: f._cache_size() for k, f in iterate.jitted.items()}
-  except Exception:  # pragma: no cover - private API
-    return {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ def _check_shared(config) -> None:
 
 
 def _check_optim(key: str, o) -> None:
-  _positive(f"{key}.learning_rate", o.learning_rate)
+  if not o.learning_rate >= 0:
+    raise ValueError(f"{key}.learning_rate must be >= 0, got {o.learning_rate!r}.")
   _choice(f"{key}.schedule", o.schedule, SCHEDULES)
   if o.schedule != "constant" and o.decay_steps <= o.warmup_steps:
     raise ValueError(f"{key}.decay_steps ({o.decay_steps}) must exceed {key}.warmup_steps "

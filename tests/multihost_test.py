@@ -23,17 +23,16 @@ from absl.testing import absltest  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 
-from rlhf_jax import distributed, sft, sharding
+from rlhf_jax import artifacts, distributed, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 480
 NUM_DEVICES = 4
 PIPELINE = [
     "--config=configs/ppo.py:test", "--config.ppo.reward=gold", "--config.ppo.critic=sft",
-    "--config.rm.sft.train.num_steps=2", "--config.rm.sft.train.log_every=1",
-    "--config.rm.sft.train.eval_every=0", "--config.ppo.num_iterations=2",
-    "--config.data.num_eval_prompts=16", "--config.mesh.data=1", "--config.mesh.fsdp=4",
-    "--config.rm.sft.mesh.data=1", "--config.rm.sft.mesh.fsdp=4",
+    "--config.sft.train.num_steps=2", "--config.sft.train.log_every=1",
+    "--config.sft.train.eval_every=0", "--config.ppo.num_iterations=2",
+    "--config.ppo.data.num_eval_prompts=16", "--config.mesh.data=1", "--config.mesh.fsdp=4",
 ]
 
 
@@ -158,8 +157,8 @@ class TwoProcessesTest(absltest.TestCase):
     # This test process is a third, single process; a one-device mesh is a different layout
     # from the writers' fsdp=4 over two processes.
     mesh = sharding.make_mesh({"data": 1, "num_devices": 1})
-    one = sft.load_policy(os.path.join(self.one.workdir, "sft"), mesh)
-    two = sft.load_policy(os.path.join(self.two.workdir, "sft"), mesh)
+    one = artifacts.load_policy(os.path.join(self.one.workdir, "sft"), mesh)
+    two = artifacts.load_policy(os.path.join(self.two.workdir, "sft"), mesh)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
                                          jax.device_get(one.params), jax.device_get(two.params)))
     print(f"[multihost] SFT params after 2 steps, max |1 process - 2 processes| = "

@@ -1,10 +1,8 @@
-"""The PPO stage end to end on the synthetic task: invariants of an iteration, no
-recompilation, sharded == unsharded, resume, and the pipeline's reuse of finished stages."""
+"""The PPO stage end to end on the synthetic task (the shared pipeline of tests/testing.py):
+invariants of an iteration, no recompilation, sharded == unsharded, resume, the pipeline's
+reuse of finished stages; PPO's loss and experience pass against references."""
 
-import functools
-import json
 import os
-import shutil
 import tempfile
 
 from absl.testing import absltest
@@ -14,18 +12,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import ppo
-from rlhf_jax import ppo_core
-from rlhf_jax.models import MoEConfig, PolicyModel, TransformerConfig, ValueModel, moe
-from rlhf_jax.models.heads import ScalarHead
+import testing
+from rlhf_jax import pipeline
+from rlhf_jax.models import ActorCritic, MoEConfig, PolicyModel, ScalarHead, TransformerConfig, ValueModel, moe
+from rlhf_jax.rl import core, losses, ppo_fn
+
+PROGRAMS = {"sampler": 1, "score": 1, "experience": 1, "train_step": 1}
 
 
 def _config(num_devices=1, **ppo_overrides):
-  cfg = config_lib.ppo_config("test")
-  for c in (cfg.mesh, cfg.rm.mesh, cfg.rm.sft.mesh):
-    c.num_devices = num_devices
+  cfg = testing.pipeline_config("ppo", num_devices)
   cfg.ppo.update(ppo_overrides)
+  return cfg
+
+
+def _from_shared(cfg):
+  """`cfg` set to start from the shared pipeline's SFT policy and RM."""
+  workdir, _ = testing.shared_pipeline()
+  cfg.sft_checkpoint = os.path.join(workdir, "sft")
+  if cfg.ppo.reward == "model":
+    cfg.rm_checkpoint = os.path.join(workdir, "rm")
   return cfg
 
 
@@ -34,25 +40,20 @@ class PpoTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.workdir = tempfile.mkdtemp()
-    cls.result = ppo.run(_config(), cls.workdir)  # SFT -> preferences -> RM -> PPO
-    with open(os.path.join(cls.workdir, "metrics.jsonl")) as f:
-      cls.rows = [json.loads(line) for line in f]
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.workdir, ignore_errors=True)
-    super().tearDownClass()
+    cls.workdir, cls.pipeline = testing.shared_pipeline()  # SFT -> preferences -> RM -> PPO
+    cls.result = cls.pipeline.stages["ppo"]
+    cls.rows = testing.metric_rows(cls.workdir)
 
   def _ppo_rows(self):
     return [r for r in self.rows if r["stage"] == "ppo" and "objective/kl" in r]
 
   def test_every_stage_ran_and_wrote_its_files(self):
-    for path in ("sft/model_config.json", "rm/normalization.json", "rm/summary.json",
-                 "rm/preferences_train.jsonl", "ppo/summary.json"):
+    for path in ("sft/model_config.json", "sft/summary.json", "rm/normalization.json",
+                 "rm/summary.json", "rm/preferences_train.jsonl", "ppo/summary.json"):
       self.assertTrue(os.path.exists(os.path.join(self.workdir, path)), path)
     self.assertEqual({r["stage"] for r in self.rows}, {"sft", "rm", "ppo"})
-    m = self.result["metrics"]
+    m = self.result.metrics
+    self.assertIs(self.pipeline.metrics, m)  # the pipeline reports its last stage
     for key in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                 "objective/non_score_reward", "policy/approxkl", "policy/clipfrac",
                 "policy/entropy", "loss/policy", "loss/value", "val/clipfrac", "val/ratio",
@@ -76,10 +77,16 @@ class PpoTest(absltest.TestCase):
       # and rlhf_reward = scores + non_score_reward.
       self.assertAlmostEqual(r["objective/rlhf_reward"],
                              r["objective/scores"] + r["objective/non_score_reward"], places=4)
-    self.assertGreater(rows[-1]["objective/kl"], 0.0)  # the policy did move
+    self.assertNotEqual(rows[-1]["objective/kl"], 0.0)  # the policy did move
+    # The adaptive controller moved beta: e = clip(KL / target - 1, +-0.2), beta *= 1 + e n / H.
+    beta = 0.05
+    for r in rows:
+      self.assertAlmostEqual(r["kl_coef"], beta, places=6)
+      beta = core.adaptive_kl_coef(beta, r["objective/kl"], 0.01, 100, 16)
+    self.assertNotAlmostEqual(rows[-1]["kl_coef"], 0.05, places=4)
 
   def test_no_recompilation_after_first_iteration(self):
-    self.assertEqual(self.result["compiled"], {"sampler": 1, "experience": 1, "train_step": 1})
+    self.assertEqual(self.result.compiled, PROGRAMS)
 
   def test_sharded_iteration_matches_unsharded(self):
     """Two PPO iterations on 8 fake devices (data 2 x fsdp 4) vs one device, both from the
@@ -87,12 +94,10 @@ class PpoTest(absltest.TestCase):
     parallelism is compared with one device in sharding_test.)"""
     outs = []
     for mesh in (dict(num_devices=1), dict(data=2, fsdp=4, num_devices=8)):
-      cfg = _config(num_iterations=2)
+      cfg = _from_shared(_config(num_iterations=2))
       cfg.mesh.update(mesh)
-      cfg.sft_checkpoint = os.path.join(self.workdir, "sft")
-      cfg.rm_checkpoint = os.path.join(self.workdir, "rm")
       with tempfile.TemporaryDirectory() as wd:
-        outs.append(ppo.run(cfg, wd)["metrics"])
+        outs.append(pipeline.run(cfg, wd).metrics)
     for key in ("objective/kl", "objective/scores", "loss/policy", "loss/value",
                 "policy/approxkl", "gold/reward", "final/ppo_rm_score"):
       np.testing.assert_allclose(outs[1][key], outs[0][key], rtol=1e-3, atol=1e-4, err_msg=key)
@@ -100,23 +105,24 @@ class PpoTest(absltest.TestCase):
   def test_rerun_reuses_finished_stages(self):
     prefs = os.path.join(self.workdir, "rm", "preferences_train.jsonl")
     mtime = os.path.getmtime(prefs)
-    again = ppo.run(_config(), self.workdir)
+    again = pipeline.run(_config(), self.workdir)
     self.assertEqual(os.path.getmtime(prefs), mtime)
-    self.assertEqual(int(again["state"].step), int(self.result["state"].step))
+    self.assertEqual(set(again.stages), {"ppo"})  # SFT and RM were loaded, not run
+    self.assertEqual(int(again.stages["ppo"].state.step), int(self.result.state.step))
     for key in ("final/sft_gold_reward", "final/ppo_gold_reward", "final/ppo_rm_score"):
-      self.assertAlmostEqual(again["metrics"][key], self.result["metrics"][key], places=5)
+      self.assertAlmostEqual(again.metrics[key], self.result.metrics[key], places=5)
 
   def test_gold_reward_ppo_raises_gold_reward(self):
     """PPO against the sort task's exact reward (no RM) with a value head on the policy trunk
     and 2 micro-batches per minibatch: gold reward on held-out prompts goes up."""
-    cfg = _config(num_iterations=12, reward="gold", critic="shared")
-    cfg.optim.update(learning_rate=3e-4, grad_accum_steps=2)
-    cfg.sft_checkpoint = os.path.join(self.workdir, "sft")
+    cfg = _from_shared(_config(num_iterations=12, reward="gold", critic="shared",
+                               adaptive_kl=False))
+    cfg.ppo.optim.update(learning_rate=3e-4, grad_accum_steps=2)
     with tempfile.TemporaryDirectory() as wd:
-      out = ppo.run(cfg, wd)
-      with open(os.path.join(wd, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    m = out["metrics"]
+      out = pipeline.run(cfg, wd)
+      rows = testing.metric_rows(wd, "ppo")
+    m = out.metrics
+    self.assertIsNone(out.reward)  # no RM loaded or trained
     self.assertNotIn("final/ppo_rm_score", m)
     self.assertGreater(m["final/ppo_gold_reward"], m["final/sft_gold_reward"] + 0.15)
     gold = [r["gold/reward"] for r in rows if "gold/reward" in r and "objective/kl" in r]
@@ -127,28 +133,17 @@ class PpoTest(absltest.TestCase):
     for r in rows:
       if "policy/first_minibatch_ratio" in r:
         self.assertAlmostEqual(r["policy/first_minibatch_ratio"], 1.0, places=6)
-    self.assertEqual(out["compiled"], {"sampler": 1, "experience": 1, "train_step": 1})
-
-  def test_bad_reward_and_critic_settings(self):
-    with self.assertRaisesRegex(ValueError, "ppo.critic=sft or shared"):
-      ppo.run(_config(reward="gold"), None)
-    with self.assertRaisesRegex(ValueError, "choose 'reward', 'sft' or 'shared'"):
-      ppo.run(_config(critic="value"), None)
-    with self.assertRaisesRegex(ValueError, "choose 'model'"):
-      ppo.run(_config(reward="vader"), None)
+    self.assertEqual(out.stages["ppo"].compiled,
+                     {k: v for k, v in PROGRAMS.items() if k != "score"})
 
   def test_resume_mid_run_is_exact(self):
-    cfg = _config(num_iterations=4)
-    cfg.train.checkpoint_every = 2
-    cfg.sft_checkpoint = os.path.join(self.workdir, "sft")
-    cfg.rm_checkpoint = os.path.join(self.workdir, "rm")
-    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-      full = ppo.run(cfg, a)["metrics"]
-      cfg_half = _config(num_iterations=2)
-      cfg_half.train.checkpoint_every = 2
-      cfg_half.sft_checkpoint, cfg_half.rm_checkpoint = cfg.sft_checkpoint, cfg.rm_checkpoint
-      ppo.run(cfg_half, b)
-      resumed = ppo.run(cfg, b)["metrics"]
+    """3 iterations, stop, resume to 6 == the shared pipeline's 6 uninterrupted iterations,
+    the adaptive KL coefficient included (it is restored from the checkpoint)."""
+    full = self.result.metrics
+    with tempfile.TemporaryDirectory() as wd:
+      pipeline.run(_from_shared(_config(num_iterations=3)), wd)
+      resumed = pipeline.run(_from_shared(_config()), wd).metrics
+    self.assertNotAlmostEqual(full["kl_coef"], 0.05, places=4)
     for key in ("objective/kl", "objective/scores", "loss/policy", "kl_coef",
                 "final/ppo_gold_reward"):
       self.assertEqual(full[key], resumed[key], key)
@@ -160,30 +155,21 @@ class MoePpoTest(absltest.TestCase):
     """Dropless MoE in every layer, data 4 x expert 2 on 8 fake devices, gold reward and a
     shared critic (no RM needed): the PPO invariants hold and the aux losses are reported."""
     cfg = _config(num_devices=8, num_iterations=3, reward="gold", critic="shared")
-    for c in (cfg.mesh, cfg.rm.sft.mesh):
-      c.update(data=4, expert=2)
-    cfg.rm.sft.model.moe.update(num_experts=4, top_k=2, moe_every=1, dropless=True)
-    cfg.rm.sft.train.num_steps = 20
+    cfg.mesh.update(data=4, expert=2)
+    cfg.model.moe.update(num_experts=4, top_k=2, moe_every=1, dropless=True)
+    cfg.sft.train.num_steps = 20
     with tempfile.TemporaryDirectory() as wd:
-      out = ppo.run(cfg, wd)
-      with open(os.path.join(wd, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if '"ppo"' in line]
-    rows = [r for r in rows if "objective/kl" in r]
+      out = pipeline.run(cfg, wd)
+      rows = [r for r in testing.metric_rows(wd, "ppo") if "objective/kl" in r]
+    self.assertEqual(set(out.stages), {"sft", "ppo"})  # gold reward: no RM stage
     self.assertLen(rows, 3)
     for r in rows:
       self.assertAlmostEqual(r["policy/first_minibatch_ratio"], 1.0, places=6)
       self.assertLess(r["policy/sample_logprob_gap"], 1e-4)
       self.assertGreater(r["moe/aux_loss"], 0.0)
       self.assertEqual(r["moe/dropped_fraction"], 0.0)
-    self.assertEqual(out["compiled"], {"sampler": 1, "experience": 1, "train_step": 1})
-
-  def test_capacity_routed_moe_policy_is_rejected(self):
-    cfg = _config(reward="gold", critic="shared")
-    cfg.rm.sft.model.moe.update(num_experts=2, dropless=False)
-    cfg.rm.sft.train.num_steps = 2
-    with tempfile.TemporaryDirectory() as wd:
-      with self.assertRaisesRegex(ValueError, "dropless=True"):
-        ppo.run(cfg, wd)
+    self.assertEqual(out.stages["ppo"].compiled,
+                     {k: v for k, v in PROGRAMS.items() if k != "score"})
 
 
 def _np_log_softmax(x):
@@ -205,10 +191,10 @@ class PpoLossTest(parameterized.TestCase):
         moe=MoEConfig(num_experts=4, dropless=True) if use_moe else MoEConfig())
     rngs = nnx.Rngs(params=seed)
     if critic == "separate":
-      ac = ppo.ActorCritic(PolicyModel(cfg, rngs), critic=ValueModel(cfg, rngs))
+      ac = ActorCritic(PolicyModel(cfg, rngs), critic=ValueModel(cfg, rngs))
       head = ac.critic.value_head
     else:
-      ac = ppo.ActorCritic(PolicyModel(cfg, rngs), value_head=ScalarHead(cfg, 0.0, rngs))
+      ac = ActorCritic(PolicyModel(cfg, rngs), value_head=ScalarHead(cfg, 0.0, rngs))
       head = ac.value_head
     head.w_Dx1.set_value(jax.random.normal(jax.random.key(seed + 1), head.w_Dx1.shape))
     graphdef, params = nnx.split(ac)
@@ -236,28 +222,29 @@ class PpoLossTest(parameterized.TestCase):
   def test_loss_and_gradient_match_full_logits_reference(self, critic, use_moe, entropy_coef):
     _, graphdef, params, batch = self._setup(critic, use_moe)
     temperature, n = 0.7, batch["response"].shape[1]
-    kw = dict(clip=0.2, value_clip=0.2, vf_coef=0.1, entropy_coef=entropy_coef,
-              temperature=temperature)
+    hp = core.RLParams(clip_ratio=0.2, value_clip=0.2, vf_coef=0.1, entropy_coef=entropy_coef,
+                       temperature=temperature)
 
     def loss(params, fn):
-      return fn(nnx.merge(graphdef, params), batch, **kw)
+      return fn(nnx.merge(graphdef, params), batch, hp)
 
-    def reference(model, batch, *, clip, value_clip, vf_coef, entropy_coef, temperature):
+    def reference(model, batch, hp):
+      clip, value_clip, vf_coef = hp.clip_ratio, hp.value_clip, hp.vf_coef
       all_logits, all_values = model(batch["seq"], batch["seq_mask"])  # every position
       logits = all_logits[:, -n - 1:-1] / temperature
       logp_all = jax.nn.log_softmax(logits, axis=-1)
       logp = jnp.take_along_axis(logp_all, batch["response"][..., None], -1)[..., 0]
       logp = logp * batch["mask"]
-      pg, _ = ppo_core.policy_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"],
+      pg, _ = losses.policy_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"],
                                    clip)
-      vf, _ = ppo_core.value_loss(all_values[:, -n - 1:-1], batch["old_values"],
+      vf, _ = losses.value_loss(all_values[:, -n - 1:-1], batch["old_values"],
                                   batch["returns"], batch["mask"], value_clip)
-      ent = ppo_core.masked_mean(-(jnp.exp(logp_all) * logp_all).sum(-1), batch["mask"])
+      ent = core.masked_mean(-(jnp.exp(logp_all) * logp_all).sum(-1), batch["mask"])
       aux, _ = moe.aux_loss(model)
       return pg + vf_coef * vf - entropy_coef * ent + aux, {"logp": logp, "entropy": ent}
 
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
-    (got, m), g_got = grad(params, ppo.ppo_loss)
+    (got, m), g_got = grad(params, ppo_fn.loss)
     (want, ref_m), g_want = grad(params, reference)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
     self.assertAlmostEqual(float(m["policy/entropy"]), float(ref_m["entropy"]), places=5)
@@ -276,7 +263,7 @@ class PpoLossTest(parameterized.TestCase):
     want_logp = np.take_along_axis(logp64, np.asarray(batch["response"])[..., None], -1)[..., 0]
     ac = nnx.merge(graphdef, params)
     logits, values = ac.on_response(batch["seq"], batch["seq_mask"], n)
-    got_logp = ppo_core.token_logprobs(logits, batch["response"], temperature)
+    got_logp = core.token_logprobs(logits, batch["response"], temperature)
     np.testing.assert_allclose(np.asarray(got_logp), want_logp, rtol=0, atol=1e-5)
     _, all_values = ac(batch["seq"], batch["seq_mask"])
     np.testing.assert_allclose(np.asarray(values), np.asarray(all_values)[:, -n - 1:-1],
@@ -287,16 +274,16 @@ class PpoLossTest(parameterized.TestCase):
     """The experience pass and the loss share one forward: at the old parameters the ratio
     is exactly 1 and the values are the old values."""
     cfg, graphdef, params, batch = self._setup(critic, use_moe=False, seed=3)
-    config = config_lib.ppo_config("test")
-    config.sampling.temperature = 0.7
+    hp = core.RLParams(temperature=0.7)
     policy_graphdef, ref_params = nnx.split(PolicyModel(cfg, nnx.Rngs(params=9)))
-    experience = ppo.make_experience_fn(graphdef, policy_graphdef, None, config, eos_id=2)
+    experience = jax.jit(lambda p, r, b, s, beta: ppo_fn.experience(
+        graphdef, policy_graphdef, p, r, b, s, beta, hp, eos_id=2))
     inputs = {k: batch[k] for k in ("seq", "seq_mask", "response", "mask")}
-    inputs["scores"] = jnp.asarray([0.5, -1.0, 0.2, 0.0])
-    exp, metrics = experience(params, ref_params, None, inputs, jnp.float32(0.1))
+    scores = jnp.asarray([0.5, -1.0, 0.2, 0.0])
+    exp, metrics = experience(params, ref_params, inputs, scores, jnp.float32(0.1))
     self.assertGreater(abs(float(metrics["objective/kl"])), 1e-2)  # a different reference
-    loss = functools.partial(ppo.ppo_loss, clip=0.2, value_clip=0.2, vf_coef=0.1,
-                             entropy_coef=0.0, temperature=0.7)
+    self.assertAlmostEqual(float(metrics["objective/scores"]), float(scores.mean()), places=6)
+    loss = lambda model, b: ppo_fn.loss(model, b, hp)
     # One row less than the experience batch, as a minibatch would be.
     mb = {k: v[1:] for k, v in exp.items()}
     _, m = jax.jit(lambda p, b: loss(nnx.merge(graphdef, p), b))(params, mb)

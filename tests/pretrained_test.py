@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sft, sharding
+from rlhf_jax import pipeline, sharding
 from rlhf_jax.data import hf_tokenizer
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.models import gguf_import, hf_import, pretrained
@@ -268,12 +268,12 @@ class SftFromPretrainedTest(absltest.TestCase):
       c = config_lib.sft_config("test")
       c.init_from = ckpt
       c.mesh.update(data=-1, fsdp=2)
-      c.optim.update(learning_rate=0.0, warmup_steps=0)
-      c.train.update(num_steps=1, eval_every=0, checkpoint_every=1)
-      result = sft.run(c, os.path.join(d, "work"))
+      c.sft.optim.update(learning_rate=0.0, warmup_steps=0)
+      c.sft.train.update(num_steps=1, eval_every=0, checkpoint_every=1)
+      result = pipeline.run(c, os.path.join(d, "work"))
       _, want = hf_import.load_hf_llama(ckpt)
-      got = result["state"].params
-      self.assertEqual(result["model_config"].d_model, 32)  # the checkpoint's, not the preset's
+      got = result.stages["sft"].state.params
+      self.assertEqual(result.policy.model_config.d_model, 32)  # the checkpoint's, not the preset's
       self.assertEqual(jax.tree.leaves(got)[0].sharding.mesh.shape["fsdp"], 2)
       jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                    nnx.to_pure_dict(got), nnx.to_pure_dict(want))

@@ -1,4 +1,5 @@
-"""PPO math (rlhf_jax.ppo_core) against independent float64 numpy / python references."""
+"""RL math (rlhf_jax.rl: core, advantages, losses) against independent float64 numpy / python
+references, and the registries that pick them by name."""
 
 import os
 
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import ppo_core
+from rlhf_jax.rl import advantages, core, losses
 
 # Response lengths per row: full, single token, empty, and a few in between.
 _N = 9
@@ -63,7 +64,7 @@ class GaeTest(parameterized.TestCase):
     rewards = np.where(mask > 0, rewards, 100.0).astype(np.float32)
     values = np.where(mask > 0, values, -50.0).astype(np.float32)
 
-    gae = jax.jit(ppo_core.gae, static_argnames=("gamma", "lam"))
+    gae = jax.jit(advantages.gae, static_argnames=("gamma", "lam"))
     adv, ret = gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask),
                    gamma=gamma, lam=lam)
     adv, ret = np.asarray(adv), np.asarray(ret)
@@ -85,7 +86,7 @@ class GaeTest(parameterized.TestCase):
     mask = _right_mask(_LENGTHS)
     rewards = (rng.normal(size=(b, _N)) * mask).astype(np.float32)
     values = rng.normal(size=(b, _N)).astype(np.float32)
-    adv, _ = jax.jit(ppo_core.gae, static_argnames=("gamma", "lam"))(
+    adv, _ = jax.jit(advantages.gae, static_argnames=("gamma", "lam"))(
         rewards, values, mask, gamma=1.0, lam=1.0)
     adv = np.asarray(adv)
     for i, length in enumerate(_LENGTHS):
@@ -98,7 +99,7 @@ class GaeTest(parameterized.TestCase):
     mask = _right_mask((4, 2))
     rewards = rng.normal(size=(2, _N)).astype(np.float32)
     values = rng.normal(size=(2, _N)).astype(np.float32)
-    adv, _ = ppo_core.gae(rewards, values, mask, gamma=0.9, lam=0.0)
+    adv, _ = advantages.gae(rewards, values, mask, gamma=0.9, lam=0.0)
     adv = np.asarray(adv)
     # Row 0, t=1 (not last): r + gamma V_{t+1} - V_t; t=3 (last): r - V_t.
     self.assertAlmostEqual(adv[0, 1], rewards[0, 1] + 0.9 * values[0, 2] - values[0, 1], places=5)
@@ -121,7 +122,7 @@ class KlTest(parameterized.TestCase):
     # One "token" per class: logp = log p(x), ref_logp = log q(x).
     logp = jnp.asarray(np.log(p)[None, :], jnp.float32)
     ref_logp = jnp.asarray(np.log(q)[None, :], jnp.float32)
-    k = np.asarray(jax.jit(ppo_core.kl_per_token, static_argnames="kind")(
+    k = np.asarray(jax.jit(core.kl_per_token, static_argnames="kind")(
         logp, ref_logp, kind=kind), np.float64)[0]
     # Independent per-class reference for the estimator itself.
     log_r = np.log(q) - np.log(p)  # r = q / p
@@ -133,23 +134,23 @@ class KlTest(parameterized.TestCase):
     rng = np.random.default_rng(3)
     logp = jnp.asarray(rng.normal(size=(4, 64)) * 3.0, jnp.float32)
     ref_logp = jnp.asarray(rng.normal(size=(4, 64)) * 3.0, jnp.float32)
-    k3 = np.asarray(ppo_core.kl_per_token(logp, ref_logp, "k3"))
-    k1 = np.asarray(ppo_core.kl_per_token(logp, ref_logp, "k1"))
+    k3 = np.asarray(core.kl_per_token(logp, ref_logp, "k3"))
+    k1 = np.asarray(core.kl_per_token(logp, ref_logp, "k1"))
     self.assertTrue(np.all(k3 >= 0.0))
     self.assertTrue(np.any(k1 < 0.0))
     # Equal distributions: both exactly 0.
-    np.testing.assert_array_equal(np.asarray(ppo_core.kl_per_token(logp, logp, "k3")), 0.0)
-    np.testing.assert_array_equal(np.asarray(ppo_core.kl_per_token(logp, logp, "k1")), 0.0)
+    np.testing.assert_array_equal(np.asarray(core.kl_per_token(logp, logp, "k3")), 0.0)
+    np.testing.assert_array_equal(np.asarray(core.kl_per_token(logp, logp, "k1")), 0.0)
 
   def test_default_is_k1(self):
     logp = jnp.asarray([[-1.0, -2.0]])
     ref = jnp.asarray([[-1.5, -0.5]])
-    np.testing.assert_allclose(np.asarray(ppo_core.kl_per_token(logp, ref)), [[0.5, -1.5]])
+    np.testing.assert_allclose(np.asarray(core.kl_per_token(logp, ref)), [[0.5, -1.5]])
 
   def test_unknown_kind_raises(self):
     x = jnp.zeros((1, 3))
     with self.assertRaisesRegex(ValueError, "k2"):
-      ppo_core.kl_per_token(x, x, "k2")
+      core.kl_per_token(x, x, "k2")
 
   @parameterized.parameters("k1", "k3")
   def test_monte_carlo(self, kind):
@@ -158,7 +159,7 @@ class KlTest(parameterized.TestCase):
     samples = jax.random.categorical(jax.random.key(0), jnp.log(jnp.asarray(p)), shape=(200_000,))
     logp = jnp.log(jnp.asarray(p, jnp.float32))[samples][None]
     ref_logp = jnp.log(jnp.asarray(q, jnp.float32))[samples][None]
-    k = np.asarray(ppo_core.kl_per_token(logp, ref_logp, kind), np.float64)[0]
+    k = np.asarray(core.kl_per_token(logp, ref_logp, kind), np.float64)[0]
     stderr = k.std() / np.sqrt(k.size)
     self.assertLess(abs(k.mean() - exact_kl), 5 * stderr + 1e-4)
 
@@ -172,7 +173,7 @@ class RewardsTest(absltest.TestCase):
     kl = rng.normal(size=(b, _N)).astype(np.float32)  # nonzero on pads too
     scores = rng.normal(size=(b,)).astype(np.float32) + 3.0
     beta = 0.05
-    rewards, non_score = jax.jit(ppo_core.rlhf_rewards)(kl, scores, mask, beta)
+    rewards, non_score = jax.jit(core.rlhf_rewards)(kl, scores, mask, beta)
     rewards, non_score = np.asarray(rewards), np.asarray(non_score)
 
     ref_non_score = np.zeros((b, _N))
@@ -212,7 +213,7 @@ class RewardsTest(absltest.TestCase):
     for row in masks:
       idx = [t for t in range(n) if row[t]]
       ref.append(idx[-1] if idx else 0)
-    f = jax.jit(ppo_core.last_index)
+    f = jax.jit(core.last_index)
     for dtype in (np.int32, np.float32, bool):
       np.testing.assert_array_equal(np.asarray(f(jnp.asarray(masks.astype(dtype)))), ref)
 
@@ -226,7 +227,7 @@ class WhitenTest(parameterized.TestCase):
     mask = _right_mask(_LENGTHS)
     x = (rng.normal(size=(b, _N)) * 3.0 + 2.0).astype(np.float32)
     x = np.where(mask > 0, x, 1e3).astype(np.float32)  # pads must not leak in
-    out = np.asarray(jax.jit(ppo_core.masked_whiten, static_argnames="shift_mean")(
+    out = np.asarray(jax.jit(core.masked_whiten, static_argnames="shift_mean")(
         x, mask, shift_mean=shift_mean), np.float64)
 
     valid = mask > 0
@@ -243,12 +244,12 @@ class WhitenTest(parameterized.TestCase):
     rng = np.random.default_rng(6)
     mask = _right_mask(_LENGTHS)
     x = rng.normal(size=mask.shape).astype(np.float32)
-    self.assertAlmostEqual(float(ppo_core.masked_mean(x, mask)), _ref_masked_mean(x, mask),
+    self.assertAlmostEqual(float(core.masked_mean(x, mask)), _ref_masked_mean(x, mask),
                            places=5)
     # All-pad mask: 0, not NaN.
-    self.assertEqual(float(ppo_core.masked_mean(x, np.zeros_like(mask))), 0.0)
+    self.assertEqual(float(core.masked_mean(x, np.zeros_like(mask))), 0.0)
     np.testing.assert_allclose(
-        np.asarray(ppo_core.masked_mean(x, mask, axis=1))[[0, 1, 3]],
+        np.asarray(core.masked_mean(x, mask, axis=1))[[0, 1, 3]],
         [x[0].mean(), x[1, 0], x[3, :5].mean()], rtol=1e-5)
 
 
@@ -266,7 +267,7 @@ class LossTest(parameterized.TestCase):
   @parameterized.parameters(0.2, 0.1)
   def test_policy_loss(self, clip):
     mask, logp, old_logp, adv = self._batch(7)
-    loss, metrics = jax.jit(ppo_core.policy_loss)(logp, old_logp, adv, mask, clip)
+    loss, metrics = jax.jit(losses.policy_loss)(logp, old_logp, adv, mask, clip)
 
     terms, clipped, lr2, ratios = [], [], [], []
     for i, j in zip(*np.nonzero(mask)):
@@ -286,7 +287,7 @@ class LossTest(parameterized.TestCase):
 
   def test_policy_loss_ratio_one(self):
     mask, _, old_logp, adv = self._batch(8)
-    loss, metrics = jax.jit(ppo_core.policy_loss)(old_logp, old_logp, adv, mask, 0.2)
+    loss, metrics = jax.jit(losses.policy_loss)(old_logp, old_logp, adv, mask, 0.2)
     self.assertEqual(float(metrics["val/ratio"]), 1.0)
     self.assertEqual(float(metrics["policy/clipfrac"]), 0.0)
     self.assertEqual(float(metrics["policy/approxkl"]), 0.0)
@@ -298,7 +299,7 @@ class LossTest(parameterized.TestCase):
     old = jnp.asarray([[0.0, 0.0]])
     adv = jnp.asarray([[1.0, 1.0]])
     mask = jnp.asarray([[1.0, 1.0]])
-    g = jax.grad(lambda lp: ppo_core.policy_loss(lp, old, adv, mask, 0.2)[0])(logp)
+    g = jax.grad(lambda lp: losses.policy_loss(lp, old, adv, mask, 0.2)[0])(logp)
     np.testing.assert_allclose(np.asarray(g), [[0.0, -0.5]], atol=1e-6)
 
   @parameterized.parameters(0.2, 0.5)
@@ -309,7 +310,7 @@ class LossTest(parameterized.TestCase):
     old_v = rng.normal(size=(b, _N)).astype(np.float32)
     v = (old_v + rng.normal(size=(b, _N)) * 0.5).astype(np.float32)
     ret = rng.normal(size=(b, _N)).astype(np.float32)
-    loss, metrics = jax.jit(ppo_core.value_loss)(v, old_v, ret, mask, clip)
+    loss, metrics = jax.jit(losses.value_loss)(v, old_v, ret, mask, clip)
 
     terms, clipped = [], []
     for i, j in zip(*np.nonzero(mask)):
@@ -329,7 +330,7 @@ class LossTest(parameterized.TestCase):
   def test_value_clipfrac(self):
     # Minimal repro: |V - V_old| = 0.2 < clip = 0.5, nothing is clipped, clipfrac must be 0.
     one = jnp.ones((1, 1))
-    _, metrics = jax.jit(ppo_core.value_loss)(0.1 * one, 0.3 * one, 0.2 * one, one, 0.5)
+    _, metrics = jax.jit(losses.value_loss)(0.1 * one, 0.3 * one, 0.2 * one, one, 0.5)
     self.assertEqual(float(metrics["val/clipfrac"]), 0.0)
     rng = np.random.default_rng(9)
     b = len(_LENGTHS)
@@ -338,7 +339,7 @@ class LossTest(parameterized.TestCase):
     v = (old_v + rng.normal(size=(b, _N)) * 0.5).astype(np.float32)
     ret = rng.normal(size=(b, _N)).astype(np.float32)
     for clip in (0.2, 0.5):
-      _, metrics = jax.jit(ppo_core.value_loss)(v, old_v, ret, mask, clip)
+      _, metrics = jax.jit(losses.value_loss)(v, old_v, ret, mask, clip)
       clipped = []
       for i, j in zip(*np.nonzero(mask)):
         vv, vo, rr = float(v[i, j]), float(old_v[i, j]), float(ret[i, j])
@@ -351,7 +352,7 @@ class LossTest(parameterized.TestCase):
     mask = _right_mask(_LENGTHS)
     v = rng.normal(size=mask.shape).astype(np.float32)
     ret = rng.normal(size=mask.shape).astype(np.float32)
-    loss, metrics = ppo_core.value_loss(v, v, ret, mask, 0.2)
+    loss, metrics = losses.value_loss(v, v, ret, mask, 0.2)
     self.assertAlmostEqual(float(loss), 0.5 * _ref_masked_mean((v - ret) ** 2, mask), places=5)
     self.assertEqual(float(metrics["val/clipfrac"]), 0.0)
 
@@ -372,7 +373,7 @@ class AdaptiveKlTest(parameterized.TestCase):
     e_clipped = -0.2 if e < -0.2 else (0.2 if e > 0.2 else e)
     beta = beta0
     for step in range(1, 11):
-      beta = ppo_core.adaptive_kl_coef(beta, kl, target, horizon, n)
+      beta = core.adaptive_kl_coef(beta, kl, target, horizon, n)
       expected = beta0 * np.prod([1.0 + e_clipped * n / horizon] * step)
       self.assertAlmostEqual(beta, expected, places=12)
     if abs(e) > 0.2:
@@ -387,8 +388,8 @@ class TokenLogprobsTest(parameterized.TestCase):
     b, n, v = 3, 5, 11
     logits = (rng.normal(size=(b, n, v)) * 4.0).astype(np.float32)
     tokens = rng.integers(0, v, size=(b, n)).astype(np.int32)
-    lp_fn = jax.jit(ppo_core.token_logprobs, static_argnames="temperature")
-    ent_fn = jax.jit(ppo_core.token_entropy, static_argnames="temperature")
+    lp_fn = jax.jit(core.token_logprobs, static_argnames="temperature")
+    ent_fn = jax.jit(core.token_entropy, static_argnames="temperature")
     lp = np.asarray(lp_fn(logits, tokens, temperature=temperature))
     ent = np.asarray(ent_fn(logits, temperature=temperature))
 
@@ -411,7 +412,7 @@ class TokenLogprobsTest(parameterized.TestCase):
     tokens = rng.integers(0, v, size=(b, n)).astype(np.int32)
     w = rng.normal(size=(b, n))  # a weighted sum, so every position's gradient shows
     grad = jax.jit(jax.grad(lambda x: jnp.sum(
-        ppo_core.token_logprobs(x, tokens, temperature) * w)))(logits)
+        core.token_logprobs(x, tokens, temperature) * w)))(logits)
     probs = np.exp(_np_log_softmax(logits.astype(np.float64) / temperature))
     want = (np.eye(v)[tokens] - probs) / temperature * w[..., None]
     np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-6)
@@ -420,11 +421,54 @@ class TokenLogprobsTest(parameterized.TestCase):
     rng = np.random.default_rng(12)
     logits = jnp.asarray(rng.normal(size=(2, 3, 7)), jnp.bfloat16)
     tokens = jnp.asarray(rng.integers(0, 7, size=(2, 3)), jnp.int32)
-    lp = ppo_core.token_logprobs(logits, tokens, 0.7)
+    lp = core.token_logprobs(logits, tokens, 0.7)
     self.assertEqual(lp.dtype, jnp.float32)
     ref_logp = _np_log_softmax(np.asarray(logits.astype(jnp.float32), np.float64) / 0.7)
     ref = np.take_along_axis(ref_logp, np.asarray(tokens)[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(lp), ref, atol=2e-2)
+
+
+class RegistryTest(absltest.TestCase):
+  """The registries the config names choose from: the registered function is the plain one
+  with the config's hyper-parameters, and a wrong name is one line listing the choices."""
+
+  def test_registered_pieces_match_the_plain_functions(self):
+    rng = np.random.default_rng(0)
+    b, n = 3, 5
+    mask = (np.arange(n)[None] < np.array([[5], [3], [1]])).astype(np.float32)
+    rewards, values = rng.normal(size=(b, n)), rng.normal(size=(b, n))
+    hp = core.RLParams(gamma=0.9, lam=0.8, clip_ratio=0.1, value_clip=0.3)
+    ep = advantages.Episodes(jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32),
+                             jnp.asarray(mask))
+    got = advantages.ADVANTAGE_ESTIMATORS.get("gae")(ep, hp)
+    want = advantages.gae(ep.rewards_BxN, ep.values_BxN, ep.mask_BxN, 0.9, 0.8)
+    for a, w in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+    logp, old = jnp.asarray(rng.normal(size=(b, n))), jnp.asarray(rng.normal(size=(b, n)))
+    adv = jnp.asarray(rng.normal(size=(b, n)))
+    self.assertEqual(float(losses.POLICY_LOSSES.get("clipped")(logp, old, adv, mask, hp)[0]),
+                     float(losses.policy_loss(logp, old, adv, mask, 0.1)[0]))
+    self.assertEqual(float(losses.VALUE_LOSSES.get("clipped")(logp, old, adv, mask, hp)[0]),
+                     float(losses.value_loss(logp, old, adv, mask, 0.3)[0]))
+    for kind in ("k1", "k3"):
+      np.testing.assert_array_equal(np.asarray(core.KL_ESTIMATORS.get(kind)(logp - old)),
+                                    np.asarray(core.kl_per_token(logp, old, kind)))
+
+  def test_unknown_name_lists_the_choices(self):
+    with self.assertRaisesRegex(ValueError, r"^ppo.advantage_estimator is 'grpo'; choose one of "
+                                r"\('gae',\)\.$"):
+      advantages.ADVANTAGE_ESTIMATORS.get("grpo")
+    with self.assertRaisesRegex(ValueError, "registered twice"):
+      losses.POLICY_LOSSES.register("clipped")(lambda *a: None)
+
+  def test_params_from_config(self):
+    from rlhf_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    cfg = config_lib.ppo_config()
+    cfg.ppo.update(gamma=0.99, clip_ratio=0.3, kl_estimator="k3")
+    hp = core.RLParams.from_config(cfg.ppo, temperature=0.7)
+    self.assertEqual((hp.gamma, hp.clip_ratio, hp.kl_estimator, hp.temperature),
+                     (0.99, 0.3, "k3", 0.7))
+    hash(hp)  # static: jitted functions close over it
 
 
 if __name__ == "__main__":

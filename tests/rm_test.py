@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import preferences, rm, sft, sharding
+import testing
+from rlhf_jax import artifacts, pipeline, sampling, sharding
+from rlhf_jax.stages import preferences, rm
 from rlhf_jax.data import batching, sources, tasks
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models import RewardModel, TransformerConfig
@@ -221,37 +222,19 @@ class RmUnitTest(parameterized.TestCase):
 
 
 class RmStageTest(absltest.TestCase):
-  """One SFT + RM run on the sort task, shared by the tests below."""
+  """The RM stage of the shared pipeline (tests/testing.py) on the sort task."""
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls._tmp = tempfile.TemporaryDirectory()
-    cls.workdir = cls._tmp.name
-    cls.cfg = cls._config()
-    cls.result = rm.run(cls.cfg, cls.workdir)
+    cls.workdir, out = testing.shared_pipeline()
+    cls.result = out.stages["rm"]
+    cls.cfg = testing.pipeline_config("rm")
     cls.prefs_path = os.path.join(cls.workdir, "rm", "preferences_train.jsonl")
 
-  @classmethod
-  def tearDownClass(cls):
-    cls._tmp.cleanup()
-    super().tearDownClass()
-
-  @staticmethod
-  def _config():
-    cfg = config_lib.rm_config("test")
-    cfg.mesh.num_devices = 1  # in-process runs stay on one device; sharding_test covers 8
-    cfg.sft.mesh.num_devices = 1
-    # More pairs and steps than the preset, so held-out accuracy is clearly above chance
-    # (measured: gold agreement 0.74-0.85 over seeds 0-3; an untrained RM gets 0.50).
-    cfg.data.update(num_train_prompts=2048, num_eval_prompts=256)
-    cfg.optim.update(learning_rate=2e-3, decay_steps=100)
-    cfg.train.update(num_steps=100, eval_every=100, checkpoint_every=50)
-    return cfg
-
   def test_learns_held_out_preferences(self):
-    m = self.result["metrics"]
-    self.assertEqual(int(self.result["state"].step), self.cfg.train.num_steps)
+    m = self.result.metrics
+    self.assertEqual(int(self.result.state.step), self.cfg.rm.train.num_steps)
     self.assertGreaterEqual(m["data/eval_kept"], 100)
     self.assertGreater(m["eval_gold_agreement"], 0.65)
     self.assertGreater(m["eval_accuracy"], 0.62)
@@ -262,10 +245,10 @@ class RmStageTest(absltest.TestCase):
     recs = sources.read_jsonl(self.prefs_path, "preference")  # valid preference JSONL
     with open(self.prefs_path) as f:
       rows = [json.loads(line) for line in f]
-    self.assertEqual(len(rows), self.result["metrics"]["data/train_kept"]
-                     + self.result["metrics"]["data/train_identical"])
-    self.assertLessEqual(len(rows), self.cfg.data.num_train_prompts)
-    self.assertGreater(len(rows), self.cfg.data.num_train_prompts // 3)
+    self.assertEqual(len(rows), self.result.metrics["data/train_kept"]
+                     + self.result.metrics["data/train_identical"])
+    self.assertLessEqual(len(rows), self.cfg.rm.data.num_train_prompts)
+    self.assertGreater(len(rows), self.cfg.rm.data.num_train_prompts // 3)
     task = tasks.SortTask()
     for rec, row in list(zip(recs, rows))[:200]:
       self.assertAlmostEqual(row["gold_chosen"], task.gold_reward(rec["prompt"], rec["chosen"]))
@@ -283,24 +266,28 @@ class RmStageTest(absltest.TestCase):
     rm_dir = os.path.join(self.workdir, "rm")
     with open(os.path.join(rm_dir, "normalization.json")) as f:
       norm = json.load(f)
-    self.assertEqual(norm["num_samples"], cfg.normalize.num_samples)
+    self.assertEqual(norm["num_samples"], cfg.rm.normalize.num_samples)
     self.assertAlmostEqual(norm["gain"], 1.0 / norm["raw_std"], places=3)
     self.assertAlmostEqual(norm["bias"], -norm["raw_mean"] / norm["raw_std"], places=3)
 
     mesh = sharding.make_mesh(cfg.mesh)
-    reward = rm.load_reward_model(rm_dir, mesh)
-    self.assertIsInstance(reward, rm.RewardFunction)
+    reward = artifacts.load_reward_model(rm_dir, mesh)
+    self.assertIsInstance(reward, artifacts.RewardFunction)
     self.assertEqual((reward.gain, reward.bias), (norm["gain"], norm["bias"]))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(reward.params),
-                 jax.device_get(self.result["state"].params))
+                 jax.device_get(self.result.state.params))
 
     # The SFT samples the stage normalised on, drawn again: normalised scores have mean 0, std 1.
-    policy = sft.load_policy(os.path.join(self.workdir, "sft"), mesh)
+    policy = artifacts.load_policy(os.path.join(self.workdir, "sft"), mesh)
     prompts = [r["prompt"] for r in sources.read_jsonl(self.prefs_path, "preference")]
-    prompts = prompts[:cfg.normalize.num_samples]
-    texts = preferences.sample_completions(policy, prompts, mesh, d.max_prompt_len,
-                                           d.max_completion_len, cfg.sampling,
-                                           d.generation_batch_size, cfg.seed + 2)
+    prompts = prompts[:cfg.rm.normalize.num_samples]
+    tok = policy.tokenizer
+    sampler = sampling.make_sampler(policy.graphdef,
+                                    sampling.from_config(cfg.sampling, d.max_completion_len),
+                                    tok.eos_id, tok.pad_id)
+    texts = sampling.sample_texts(sampler, policy.params, tok, prompts, mesh, d.max_prompt_len,
+                                  cfg.rm.data.generation_batch_size,
+                                  jax.random.PRNGKey(cfg.seed + 2))
     arr = batching.sft_arrays([{"prompt": p, "completion": t} for p, t in zip(prompts, texts)],
                               reward.tokenizer, d.max_prompt_len, d.max_completion_len)
     with sharding.use_mesh(mesh):
@@ -315,29 +302,31 @@ class RmStageTest(absltest.TestCase):
 
   def test_rerun_reuses_sft_and_rm(self):
     def snapshot():
-      with open(os.path.join(self.workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+      rows = testing.metric_rows(self.workdir)
       return (os.stat(self.prefs_path).st_mtime_ns,
               sorted(os.listdir(os.path.join(self.workdir, "sft", "checkpoints"))),
               sorted(os.listdir(os.path.join(self.workdir, "rm", "checkpoints"))),
-              [r for r in rows if "loss" in r])  # training rows (not normalisation rows)
+              [r for r in rows if r["stage"] in ("sft", "rm")])
 
     before = snapshot()
-    again = rm.run(self._config(), self.workdir)
+    again = pipeline.run(testing.pipeline_config("rm"), self.workdir)
     self.assertEqual(snapshot(), before)  # no new samples, checkpoints or training steps
-    self.assertEqual(int(again["state"].step), self.cfg.train.num_steps)
-    first, second = self.result["metrics"], again["metrics"]
+    self.assertEqual(again.stages, {})  # both stages were loaded, not run
+    first, second = self.result.metrics, again.metrics
     for key in ("eval_accuracy", "eval_gold_agreement", "eval_margin", "eval_loss",
                 "normalization/gain", "normalization/bias", "data/train_kept", "data/eval_kept"):
       self.assertAlmostEqual(second[key], first[key], places=5, msg=key)
-    self.assertNotIn("loss", second)  # nothing was trained
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.reward.params),
+                 jax.device_get(self.result.state.params))
 
   def test_changed_generation_settings_are_an_error(self):
-    cfg = self._config()
-    cfg.data.annotator_temperature = 0.5
+    cfg = testing.pipeline_config("rm")
+    cfg.rm.data.annotator_temperature = 0.5
     mtime = os.stat(self.prefs_path).st_mtime_ns
+    policy = artifacts.load_policy(os.path.join(self.workdir, "sft"),
+                                   sharding.make_mesh(cfg.mesh))
     with self.assertRaisesRegex(ValueError, r"annotator_temperature: 0.1 -> 0.5.*fresh --workdir"):
-      rm.run(cfg, self.workdir)
+      preferences.run(cfg, tasks.SortTask(), policy, sharding.make_mesh(cfg.mesh), self.workdir)
     self.assertEqual(os.stat(self.prefs_path).st_mtime_ns, mtime)  # the old pairs are kept
 
 

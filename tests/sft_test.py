@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import sft
+import testing
+from rlhf_jax import artifacts, pipeline
+from rlhf_jax.stages import sft
 from rlhf_jax.data import batching, sources, tasks
 from rlhf_jax.data.tokenizer import ByteTokenizer
 from rlhf_jax.models import PolicyModel, TransformerConfig
@@ -118,49 +120,51 @@ class SftTest(absltest.TestCase):
     self.assertAlmostEqual(task.gold_reward("sort 3 1 2 =", " 1 2"), 2 / 3 - 1 / 3)
 
   def _config(self, **train):
-    cfg = config_lib.sft_config("test")
-    cfg.mesh.num_devices = 1  # in-process runs stay on one device; sharding_test covers 8
-    cfg.train.update(train)
+    cfg = testing.pipeline_config("sft")  # the shared pipeline's SFT (tests/testing.py)
+    cfg.sft.train.update(train)
     return cfg
 
   def test_short_run_learns_and_writes_metrics(self):
-    cfg = self._config(eval_every=10)
-    with tempfile.TemporaryDirectory() as wd:
-      result = sft.run(cfg, wd)
-      with open(os.path.join(wd, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-      self.assertTrue(os.listdir(os.path.join(wd, "tensorboard", "sft")))
-      self.assertEqual(sorted(os.listdir(os.path.join(wd, "sft", "checkpoints"))), ["20", "30"])
+    workdir, out = testing.shared_pipeline()
+    cfg, result = self._config(), out.stages["sft"]
+    rows = testing.metric_rows(workdir, "sft")
+    self.assertTrue(os.listdir(os.path.join(workdir, "tensorboard", "sft")))
+    self.assertEqual(sorted(os.listdir(os.path.join(workdir, "sft", "checkpoints"))),
+                     ["20", "30"])
     self.assertEqual(rows[0]["step"], 1)
-    self.assertEqual(rows[-1]["step"], cfg.train.num_steps)
+    self.assertEqual(rows[-1]["step"], cfg.sft.train.num_steps)
     self.assertLess(rows[-1]["loss"], 0.6 * rows[0]["loss"])
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     self.assertLen(evals, 3)  # steps 10, 20, 30
     self.assertLess(evals[-1], 0.8 * evals[0])
-    m = result["metrics"]
+    m = result.metrics
     self.assertAlmostEqual(m["eval_perplexity"], np.exp(m["eval_loss"]), places=3)
     self.assertBetween(m["gold/reward"], -10.0, 1.0)
+    self.assertEqual(artifacts.read_summary(os.path.join(workdir, "sft")), m)
 
   def test_resume_is_exact(self):
-    """N steps, stop, resume to 2N == 2N uninterrupted: same metrics, same parameters."""
+    """N steps, stop, resume to 3N == the shared pipeline's 3N uninterrupted steps: same
+    metrics, same parameters."""
     n = 10
-    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-      full = sft.run(self._config(num_steps=2 * n, eval_every=n, checkpoint_every=n), a)
-      sft.run(self._config(num_steps=n, eval_every=n, checkpoint_every=n), b)
-      resumed = sft.run(self._config(num_steps=2 * n, eval_every=n, checkpoint_every=n), b)
-      rows = {}
-      for name, wd in (("full", a), ("resumed", b)):
-        with open(os.path.join(wd, "metrics.jsonl")) as f:
-          rows[name] = {r["step"]: r for r in map(json.loads, f)}
-    self.assertEqual(int(resumed["state"].step), 2 * n)
+    workdir, out = testing.shared_pipeline()
+    full = out.stages["sft"]
+    self.assertEqual(self._config().sft.train.num_steps, 3 * n)
+    with tempfile.TemporaryDirectory() as b:
+      first = pipeline.run(self._config(num_steps=n, checkpoint_every=n), b)
+      self.assertFalse(artifacts.finished(os.path.join(b, "sft"), 3 * n))
+      resumed = pipeline.run(self._config(checkpoint_every=n), b).stages["sft"]
+      rows = {"full": {r["step"]: r for r in testing.metric_rows(workdir, "sft")},
+              "resumed": {r["step"]: r for r in testing.metric_rows(b, "sft")}}
+    self.assertEqual(int(first.stages["sft"].state.step), n)
+    self.assertEqual(int(resumed.state.step), 3 * n)
     common = sorted(set(rows["full"]) & set(rows["resumed"]))
-    self.assertContainsSubset([1, n, 2 * n], common)
+    self.assertContainsSubset([1, n, 2 * n, 3 * n], common)
     for step in common:
       for key, value in rows["full"][step].items():
         if key != "tokens_per_s" and key in rows["resumed"][step]:
           self.assertEqual(value, rows["resumed"][step][key], f"step {step} {key}")
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(full["state"].params),
-                 jax.device_get(resumed["state"].params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(full.state.params),
+                 jax.device_get(resumed.state.params))
 
   def test_trains_from_jsonl_and_tfds(self):
     task = tasks.SortTask()
@@ -175,18 +179,18 @@ class SftTest(absltest.TestCase):
       for source in (dict(train_path=paths["train"], eval_path=paths["eval"]),
                      dict(tfds_name="sorted", tfds_data_dir=f"{wd}/tfds")):
         cfg = self._config(num_steps=3, eval_every=3)
-        cfg.data.update(source)
-        result = sft.run(cfg, None)
-        self.assertTrue(np.isfinite(result["metrics"]["loss"]))
-        self.assertIn("eval_loss", result["metrics"])
-        self.assertNotIn("gold/reward", result["metrics"])  # no gold reward for user data
+        cfg.sft.data.update(source)
+        metrics = pipeline.run(cfg, None).metrics
+        self.assertTrue(np.isfinite(metrics["loss"]))
+        self.assertIn("eval_loss", metrics)
+        self.assertNotIn("gold/reward", metrics)  # no gold reward for user data
 
   def test_non_finite_loss_stops_the_run(self):
     cfg = self._config(num_steps=5, log_every=1)
-    cfg.optim.learning_rate = 1e30
-    cfg.optim.grad_clip = 0.0
+    cfg.sft.optim.learning_rate = 1e30
+    cfg.sft.optim.grad_clip = 0.0
     with self.assertRaisesRegex(FloatingPointError, r"step \d+: loss is nan"):
-      sft.run(cfg, None)
+      pipeline.run(cfg, None)
 
   def test_bad_inputs_name_the_problem(self):
     with tempfile.TemporaryDirectory() as wd:
@@ -194,31 +198,34 @@ class SftTest(absltest.TestCase):
       with open(path, "w") as f:
         f.write('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
       cfg = self._config()
-      cfg.data.update(train_path=path, eval_path=path)
+      cfg.sft.data.update(train_path=path, eval_path=path)
       with self.assertRaisesRegex(ValueError, "train.jsonl:2: malformed JSON"):
-        sft.run(cfg, wd)
+        pipeline.run(cfg, wd)
       with open(path, "w") as f:
         f.write('{"prompt": "a", "completion": ""}\n')
       with self.assertRaisesRegex(ValueError, "train.jsonl:1: field 'completion' is an empty"):
-        sft.run(cfg, wd)
+        pipeline.run(cfg, wd)
     cfg = self._config()
     cfg.data.update(truncation="error", max_completion_len=4)
     with self.assertRaisesRegex(ValueError, r"task:sort/train: record 0: completion is \d+ "
                                 r"tokens, over the limit 4 \(data.max_completion_len\)"):
-      sft.run(cfg, None)
+      pipeline.run(cfg, None)
     with self.assertRaisesRegex(ValueError, "did you mean 'learning_rate'"):
       from rlhf_jax.train import optim  # pylint: disable=g-import-not-at-top
       optim.make_optimizer({"learnig_rate": 1.0, "learning_rate": 1.0, "decay_steps": 10})
 
   def test_main_entry_point(self):
-    """The README's main job, `configs/ppo.py`, shrunk: SFT -> preferences -> RM -> PPO."""
+    """The README's main job, `configs/ppo.py`, on a copy of the shared pipeline's workdir:
+    SFT and RM are reused, PPO runs 2 iterations, and the final metrics are printed."""
+    shared, _ = testing.shared_pipeline()
     with tempfile.TemporaryDirectory() as wd:
+      for stage in ("sft", "rm"):
+        shutil.copytree(os.path.join(shared, stage), os.path.join(wd, stage))
+      flags = [f"--config.{k}={v}" for k, v in testing.PIPELINE_OVERRIDES.items()]
       out = subprocess.run(
           [sys.executable, "-m", "rlhf_jax.main", "--config=configs/ppo.py:test",
-           f"--workdir={wd}", "--config.rm.train.num_steps=4",
-           "--config.rm.data.num_train_prompts=64", "--config.rm.data.num_eval_prompts=32",
-           "--config.rm.normalize.num_samples=32", "--config.ppo.num_iterations=2",
-           "--config.data.num_eval_prompts=16"],
+           f"--workdir={wd}", "--config.ppo.num_iterations=2",
+           "--config.ppo.data.num_eval_prompts=16", *flags],
           cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
       self.assertEqual(out.returncode, 0, out.stderr[-3000:])
       final = json.loads(out.stdout.strip().splitlines()[-1])
@@ -226,12 +233,13 @@ class SftTest(absltest.TestCase):
       for key in ("final/sft_gold_reward", "final/ppo_gold_reward", "final/kl",
                   "rm/eval_accuracy"):
         self.assertIn(key, final)
-      for path in ("config_ppo.json", "sft/model_config.json", "rm/normalization.json",
-                   "ppo/summary.json"):
+      self.assertIn("reusing the finished SFT policy", out.stderr)
+      self.assertIn("reusing the finished reward model", out.stderr)
+      for path in ("config_ppo.json", "ppo/summary.json"):
         self.assertTrue(os.path.exists(os.path.join(wd, path)), path)
       bad = subprocess.run(
           [sys.executable, "-m", "rlhf_jax.main", "--config=configs/ppo.py:test",
-           "--config.optim.learnig_rate=1"], cwd=REPO, capture_output=True, text=True,
+           "--config.ppo.optim.learnig_rate=1"], cwd=REPO, capture_output=True, text=True,
           timeout=300, check=False)
       self.assertNotEqual(bad.returncode, 0)
       self.assertIn('Did you mean "learning_rate"', bad.stderr)

@@ -18,6 +18,7 @@ prompts and the stage runner. Reads `config.ppo` and the shared sections.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -98,7 +99,13 @@ class Rollout:
   mask: np.ndarray  # [B, N]
   logprobs: np.ndarray  # [B, N] log-probs recorded while sampling
   index: np.ndarray  # [B] prompt indices
-  texts: list[str]  # decoded responses
+  tokenizer: Any
+
+  @functools.cached_property
+  def texts(self) -> list[str]:
+    """The decoded responses (decoded on first use: a run that never reads them, such as the
+    benchmark, does not pay for it)."""
+    return sampling.decode_rows(self.tokenizer, self.tokens, self.mask)
 
 
 class Iteration:
@@ -137,7 +144,7 @@ class Iteration:
     # host-side numbers are the same everywhere.
     tokens, mask, logprobs, index = sharding.to_host((out["tokens"], out["mask"],
                                                       out["logprobs"], b["index"]))
-    return Rollout(batch, tokens, mask, logprobs, index, sampling.decode_rows(self.tok, tokens, mask))
+    return Rollout(batch, tokens, mask, logprobs, index, self.tok)
 
   def experience(self, state, ref_params, rollout: Rollout, beta: float, gold):
     """(experience as host arrays, metrics) with the RM's scores, or `gold` as the scores."""
@@ -206,6 +213,7 @@ class Result:
   metrics: dict[str, float]  # the last iteration's metrics and the held-out summary
   state: Any  # the final TrainState of the actor-critic
   compiled: dict[str, int]  # programs per compiled function
+  programs: Programs  # the compiled functions and the abstract arguments of their first calls
 
 
 def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | None,
@@ -251,7 +259,7 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
     write_json(f"{out_dir}/{artifacts.SUMMARY}", summary)
   for k, v in sorted(summary.items()):
     logging.info("[ppo] summary %s = %.4f", k, v)
-  return Result({**last, **summary}, state, compiled)
+  return Result({**last, **summary}, state, compiled, iterate.programs)
 
 
 def _summary(config, policy, reward, state, sampler, prompts, mesh) -> dict[str, float]:

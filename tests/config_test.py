@@ -1,0 +1,143 @@
+"""The one config of a run: shared keys reach every stage, every enum and cross-field
+constraint is refused before any stage runs, with a one-line error naming the key."""
+
+import json
+import os
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import numpy as np
+
+import testing
+from rlhf_jax import config as config_lib
+from rlhf_jax import pipeline, scale, validate
+
+
+def _mesh_of(params):
+  return dict(jax.tree.leaves(params)[0].sharding.mesh.shape)
+
+
+class SharedKeysTest(absltest.TestCase):
+
+  def test_a_shared_key_set_once_reaches_every_stage(self):
+    """`data.max_prompt_len`, `model.d_model` and `mesh.*`, each set once as on the command
+    line, are what SFT, preference generation, the RM and PPO all use."""
+    cfg = config_lib.ppo_config("test")
+    scale.apply_overrides(cfg, {
+        "data.max_prompt_len": 12,  # shorter than many sort prompts: some are truncated
+        "model.d_model": 48, "mesh.data": 4, "mesh.fsdp": 2, "mesh.num_devices": 8,
+        "sft.train.num_steps": 4, "sft.train.eval_every": 0,
+        "rm.data.num_train_prompts": 64, "rm.data.num_eval_prompts": 32,
+        "rm.normalize.num_samples": 32, "rm.train.num_steps": 2, "rm.train.eval_every": 0,
+        "ppo.num_iterations": 1, "ppo.data.num_eval_prompts": 16})
+    with tempfile.TemporaryDirectory() as wd:
+      out = pipeline.run(cfg, wd)
+      with open(os.path.join(wd, "rm", "preferences_train.settings.json")) as f:
+        settings = json.load(f)
+    sft, rm, ppo = (out.stages[k] for k in ("sft", "rm", "ppo"))
+    mesh = dict(data=4, fsdp=2, tensor=1, expert=1)
+    for name, params in (("sft", sft.state.params), ("rm", rm.state.params),
+                         ("ppo", ppo.state.params)):
+      self.assertEqual(_mesh_of(params), mesh, name)
+      embeds = [x for p, x in jax.tree_util.tree_leaves_with_path(params)
+                if "embed" in jax.tree_util.keystr(p)]
+      self.assertNotEmpty(embeds, name)
+      for x in embeds:
+        self.assertEqual(x.shape[-1], 48, name)
+    self.assertGreater(sft.metrics["truncated_prompts"], 0)  # SFT: prompts cut to 12 tokens
+    self.assertEqual(settings["max_prompt_len"], 12)  # preference generation
+    self.assertGreater(rm.metrics["data/train_truncated_prompts"], 0)  # the RM's pairs
+    _, args = ppo.programs.calls["experience"]  # PPO: prompt + response positions
+    self.assertEqual(args[2]["seq"].shape, (16, 12 + cfg.data.max_completion_len))
+
+
+class ValidationTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("critic", {"ppo.critic": "value"}, r"ppo.critic is 'value'; choose one of"),
+      ("reward", {"ppo.reward": "vader"}, r"ppo.reward is 'vader'; choose one of \('model'"),
+      ("gold_needs_critic", {"ppo.reward": "gold"}, "ppo.critic=sft or shared"),
+      ("kl", {"ppo.kl_estimator": "k2"}, r"ppo.kl_estimator is 'k2'; choose one of \('k1', 'k3'\)"),
+      ("advantage", {"ppo.advantage_estimator": "td"}, r"ppo.advantage_estimator is 'td'"),
+      ("policy_loss", {"ppo.policy_loss": "x"}, r"ppo.policy_loss is 'x'"),
+      ("minibatches", {"ppo.num_minibatches": 3}, "must divide by ppo.num_minibatches 3"),
+      ("accum", {"ppo.optim.grad_accum_steps": 3}, "ppo.optim.grad_accum_steps=3"),
+      ("prompts", {"ppo.data.prompts_path": "p.jsonl"}, "ppo.data.eval_prompts_path is not"),
+      ("schedule", {"rm.optim.schedule": "step"}, r"rm.optim.schedule is 'step'"),
+      ("decay", {"sft.optim.decay_steps": 1}, r"sft.optim.decay_steps \(1\) must exceed"),
+      ("rm_init", {"rm.init": "random"}, r"rm.init is 'random'"),
+      ("bad_pairs", {"rm.data.bad_pairs": "skip"}, r"rm.data.bad_pairs is 'skip'"),
+      ("samples", {"rm.data.samples_per_prompt": 3}, "even and >= 2, got 3"),
+      ("loss_on", {"sft.data.loss_on": "prompt"}, r"sft.data.loss_on is 'prompt'"),
+      ("eval_path", {"sft.data.train_path": "a.jsonl"}, "sft.data.eval_path is not"),
+      ("task", {"data.task": "chess"}, r"data.task is 'chess'"),
+      ("truncation", {"data.truncation": "wrap"}, r"data.truncation is 'wrap'"),
+      ("tokenizer", {"tokenizer.kind": "bpe"}, r"tokenizer.kind is 'bpe'"),
+      ("chat", {"tokenizer.chat": True}, "tokenizer.chat needs a chat template"),
+      ("model", {"model.num_kv_heads": 3}, "model config"),
+      ("sampling", {"sampling.top_p": 0.0}, "0 < top_p <= 1"),
+  )
+  def test_bad_setting_is_one_line_naming_the_key(self, overrides, message):
+    cfg = scale.apply_overrides(config_lib.ppo_config("test"), overrides)
+    with self.assertRaisesRegex(ValueError, message) as raised:
+      validate.check(cfg)
+    self.assertNotIn("\n", str(raised.exception))
+
+  def test_every_preset_is_valid(self):
+    for stage in config_lib.STAGES:
+      for preset in config_lib.PRESETS + scale.NAMES:
+        validate.check(config_lib.get_config(stage, preset))
+
+  def test_ppo_error_comes_before_sft_trains(self):
+    """A capacity-routed MoE policy cannot do PPO: refused before SFT writes anything."""
+    cfg = config_lib.ppo_config("test")
+    cfg.model.moe.update(num_experts=2, dropless=False)
+    with tempfile.TemporaryDirectory() as wd:
+      with self.assertRaisesRegex(ValueError, "model.moe.dropless=True"):
+        pipeline.run(cfg, wd)
+      self.assertEqual(os.listdir(wd), [])
+    sft_cfg = config_lib.sft_config("test")  # SFT alone may use capacity routing
+    sft_cfg.model.moe.update(num_experts=2, dropless=False)
+    validate.check(sft_cfg)
+
+  def test_ppo_error_from_a_given_sft_checkpoint(self):
+    workdir, _ = testing.shared_pipeline()
+    with tempfile.TemporaryDirectory() as wd:
+      sft_dir = os.path.join(wd, "sft")
+      os.makedirs(sft_dir)
+      cfg_json = os.path.join(workdir, "sft", "model_config.json")
+      with open(cfg_json) as f:
+        model = json.load(f)
+      model["moe"].update(num_experts=2, dropless=False)
+      for name, value in (("model_config.json", model),
+                          ("tokenizer.json", {"kind": "byte"})):
+        with open(os.path.join(sft_dir, name), "w") as f:
+          json.dump(value, f)
+      cfg = config_lib.ppo_config("test")
+      cfg.sft_checkpoint = sft_dir
+      with self.assertRaisesRegex(ValueError, f"the policy in {sft_dir}: model.moe.dropless"):
+        pipeline.run(cfg, None)
+      cfg.sft_checkpoint = os.path.join(wd, "nothing")
+      with self.assertRaisesRegex(FileNotFoundError, "sft_checkpoint=.*: no model_config.json"):
+        pipeline.run(cfg, None)
+
+  def test_moe_preset_is_dropless_everywhere(self):
+    for stage in config_lib.STAGES:
+      moe = config_lib.get_config(stage, "moe").model.moe
+      self.assertEqual((moe.num_experts, moe.dropless), (4, True))
+    self.assertEqual(config_lib.sft_config("").model.moe.num_experts, 0)
+
+  def test_entry_points_hold_their_stages(self):
+    self.assertNotIn("rm", config_lib.sft_config())
+    self.assertNotIn("ppo", config_lib.rm_config())
+    cfg = config_lib.ppo_config()
+    self.assertEqual(config_lib.stages_of(cfg), ("sft", "rm", "ppo"))
+    with self.assertRaisesRegex(ValueError, "unknown preset 'big' for configs/rm.py"):
+      config_lib.rm_config("big")
+    np.testing.assert_equal(cfg.sft.optim.to_dict().keys(), cfg.ppo.optim.to_dict().keys())
+
+
+if __name__ == "__main__":
+  absltest.main()
