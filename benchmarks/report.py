@@ -11,9 +11,6 @@ import json
 import os
 import statistics
 
-from benchmarks.run import REPO
-
-SHIPPED_PEER = os.path.join(os.path.dirname(REPO), "shared", "bench", "results_peer_hf.jsonl")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # bench -> (label, unit, higher_is_better, target speed-up over the peer)

@@ -25,10 +25,9 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if not __package__:  # run as a script (python benchmarks/run.py): make `benchmarks` importable
-  sys.path.insert(0, REPO)
-PEER_SCRIPT = os.path.join(os.path.dirname(REPO), "shared", "bench", "peer_hf.py")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.paths import PEER_SCRIPT, REPO, SHIPPED_PEER  # pylint: disable=g-import-not-at-top
 BENCHES = ("generate", "sft_step", "rm_step", "ppo_iteration")
 ALL = BENCHES + ("matmul_peak",)
 
@@ -227,7 +226,7 @@ def main(argv=None):
         rc = rc or code
   if args.readme and args.out:
     from benchmarks import report
-    peer = args.peer_out if args.with_peer else report.SHIPPED_PEER
+    peer = args.peer_out if args.with_peer else SHIPPED_PEER
     table = report.build_table(report.load(args.out), report.load(peer))
     print(table, file=sys.stderr)
     report.rewrite_readme(args.readme, table)

@@ -29,7 +29,8 @@ class SharedKeysTest(absltest.TestCase):
         "data.max_prompt_len": 12,  # shorter than many sort prompts: some are truncated
         "model.d_model": 48, "mesh.data": 4, "mesh.fsdp": 2, "mesh.num_devices": 8,
         "sft.train.num_steps": 4, "sft.train.eval_every": 0,
-        "rm.data.num_train_prompts": 64, "rm.data.num_eval_prompts": 32,
+        # 4 SFT steps sample near-random text, often tied in gold reward: keep ties.
+        "rm.data.num_train_prompts": 64, "rm.data.num_eval_prompts": 32, "rm.data.drop_ties": False,
         "rm.normalize.num_samples": 32, "rm.train.num_steps": 2, "rm.train.eval_every": 0,
         "ppo.num_iterations": 1, "ppo.data.num_eval_prompts": 16})
     with tempfile.TemporaryDirectory() as wd:

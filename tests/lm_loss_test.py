@@ -7,8 +7,8 @@ import numpy as np
 
 from flax import nnx
 
-from rlhf_jax import sft
 from rlhf_jax.models import PolicyModel, TransformerConfig, lm_loss
+from rlhf_jax.stages import sft
 
 
 def np_reference(h, w, targets, weights):

@@ -29,6 +29,8 @@ from rlhf_jax.models import heads
 from rlhf_jax.models import hf_import
 from rlhf_jax.models import transformer
 
+import testing  # tests/testing.py
+
 TransformerConfig = config_lib.TransformerConfig
 
 
@@ -40,27 +42,10 @@ def tiny_cfg(**overrides) -> TransformerConfig:
 
 
 def random_model(kind: str, cfg: TransformerConfig, seed: int = 0) -> nnx.Module:
-  """A model with N(0, 0.1) matrices and 1 + 0.2 N(0, 1) norm scales, set from numpy.
-
-  Cheaper than a real init (no per-shape compiles) and makes every parameter matter: with
-  the default all-ones norm scales a reference that forgot them would still pass.
-  """
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: heads.MODEL_KINDS[kind](cfg, nnx.Rngs(0))))
-  pure = nnx.to_pure_dict(state)
-  rng = np.random.default_rng(seed)
-
-  def fill(tree):
-    out = {}
-    for k, v in tree.items():
-      if isinstance(v, dict):
-        out[k] = fill(v)
-      else:
-        x = rng.standard_normal(v.shape)
-        x = 1.0 + 0.2 * x if k == "scale" else 0.1 * x
-        out[k] = jnp.asarray(x, v.dtype)
-    return out
-
-  nnx.replace_by_pure_dict(state, fill(pure))
+  """A model with N(0, 0.1) matrices and 1 + 0.2 N(0, 1) norm scales, set from numpy
+  (`testing.random_state`)."""
+  graphdef, state, _ = testing.random_state(
+      lambda: heads.MODEL_KINDS[kind](cfg, nnx.Rngs(0)), seed, std=0.1)
   return nnx.merge(graphdef, state)
 
 
@@ -85,16 +70,6 @@ def init_model(kind: str, cfg: TransformerConfig, seed: int) -> nnx.Module:
   """`heads.build(kind, cfg, seed)`, run under jit: one compile instead of one per op."""
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: heads.build(kind, cfg, seed=0)))
   return nnx.merge(graphdef, _jit_init(kind, cfg, jax.random.key(seed)))
-
-
-def left_padded_batch(rng: np.random.Generator, lengths, total_len: int, vocab: int):
-  """Tokens [B, T] (pads hold random garbage tokens, not 0) and a left-padded mask."""
-  b = len(lengths)
-  tokens = rng.integers(0, vocab, size=(b, total_len)).astype(np.int32)
-  mask = np.zeros((b, total_len), np.int32)
-  for i, n in enumerate(lengths):
-    mask[i, total_len - n:] = 1
-  return tokens, mask
 
 
 def params_numpy(model: nnx.Module) -> dict:
@@ -199,7 +174,7 @@ class ModelsTest(parameterized.TestCase):
     cfg = tiny_cfg(dtype=dtype, param_dtype=param_dtype)
     b, t = 3, 7
     rng = np.random.default_rng(0)
-    tokens, mask = left_padded_batch(rng, [7, 4, 1], t, cfg.vocab_size)
+    tokens, mask = testing.left_padded_batch(rng, [7, 4, 1], t, cfg.vocab_size)
 
     # The real initialiser, traced abstractly: every parameter has the storage dtype.
     abstract = nnx.eval_shape(lambda: heads.build("policy", cfg, seed=0))
@@ -236,7 +211,7 @@ class ModelsTest(parameterized.TestCase):
     cfg = tiny_cfg(dtype=dtype, param_dtype=dtype)
     b, t = 3, 7
     rng = np.random.default_rng(0)
-    tokens, mask = left_padded_batch(rng, [7, 4, 1], t, cfg.vocab_size)
+    tokens, mask = testing.left_padded_batch(rng, [7, 4, 1], t, cfg.vocab_size)
     value = random_model("value", cfg, seed=1)
     v = call(value, tokens, mask)
     self.assertEqual(v.shape, (b, t))
@@ -259,7 +234,7 @@ class ModelsTest(parameterized.TestCase):
     cfg = tiny_cfg()
     value = init_model("value", cfg, seed=0)
     rng = np.random.default_rng(0)
-    tokens, mask = left_padded_batch(rng, [6, 3], 6, cfg.vocab_size)
+    tokens, mask = testing.left_padded_batch(rng, [6, 3], 6, cfg.vocab_size)
     np.testing.assert_array_equal(np.asarray(call(value, tokens, mask)), 0.0)
     np.testing.assert_array_equal(np.asarray(value.value_head.w_Dx1[...]), 0.0)
     # The trunk is randomly initialised, not zero (else "output 0" would be trivial): the
@@ -293,7 +268,7 @@ class ModelsTest(parameterized.TestCase):
     fwd = lambda tok, m: call(policy, tok, m)[0]
     rng = np.random.default_rng(1)
     t = 10
-    tokens, mask = left_padded_batch(rng, [10, 7], t, cfg.vocab_size)
+    tokens, mask = testing.left_padded_batch(rng, [10, 7], t, cfg.vocab_size)
     base = np.asarray(fwd(tokens, mask))
     for j in (3, 5, 8, 9):
       changed = tokens.copy()
@@ -320,7 +295,7 @@ class ModelsTest(parameterized.TestCase):
     rng = np.random.default_rng(2)
     lengths = [9, 4, 1]
     t = 9
-    tokens, mask = left_padded_batch(rng, lengths, t, cfg.vocab_size)
+    tokens, mask = testing.left_padded_batch(rng, lengths, t, cfg.vocab_size)
     batched, _ = call(policy, tokens, mask)
     batched = np.asarray(batched)
     for i, n in enumerate(lengths):
@@ -370,7 +345,7 @@ class ModelsTest(parameterized.TestCase):
     rm = random_model("reward", cfg, seed=8)
     graphdef, params = nnx.split(rm)
     rng = np.random.default_rng(8)
-    tokens, mask = left_padded_batch(rng, [9, 4, 1, 7], 9, cfg.vocab_size)
+    tokens, mask = testing.left_padded_batch(rng, [9, 4, 1, 7], 9, cfg.vocab_size)
     mask[3, 7:] = 0  # right-padded too
     w = jnp.asarray(rng.normal(size=4), jnp.float32)
     last = transformer.last_token_index(mask)
@@ -404,7 +379,7 @@ class ModelsTest(parameterized.TestCase):
     value = random_model("value", cfg, seed=9)
     graphdef, params = nnx.split(value)
     rng = np.random.default_rng(9)
-    tokens, mask = left_padded_batch(rng, [9, 4, 6], 9, cfg.vocab_size)
+    tokens, mask = testing.left_padded_batch(rng, [9, 4, 6], 9, cfg.vocab_size)
     keep = slice(-4, -1)
     w = jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)
 
@@ -448,7 +423,7 @@ class ModelsTest(parameterized.TestCase):
     rng = np.random.default_rng(seed)
     prompt_len, gen = 6, 4
     lengths = [6, 4, 1]
-    prompt, prompt_mask = left_padded_batch(rng, lengths, prompt_len, cfg.vocab_size)
+    prompt, prompt_mask = testing.left_padded_batch(rng, lengths, prompt_len, cfg.vocab_size)
     cont = rng.integers(0, cfg.vocab_size, size=(len(lengths), gen)).astype(np.int32)
     tokens = np.concatenate([prompt, cont], axis=1)
     mask = np.concatenate([prompt_mask, np.ones_like(cont)], axis=1)
@@ -524,7 +499,7 @@ class ModelsTest(parameterized.TestCase):
     policy = random_model("policy", cfg, seed=6)
     self.assertEqual(hasattr(policy, "lm_head_DxV"), not tie)
     rng = np.random.default_rng(6)
-    tokens, mask = left_padded_batch(rng, [8, 5, 2], 8, cfg.vocab_size)
+    tokens, mask = testing.left_padded_batch(rng, [8, 5, 2], 8, cfg.vocab_size)
     logits, _ = call(policy, tokens, mask)
     ref = np_policy_forward(params_numpy(policy), cfg, tokens, mask)
     real = mask.astype(bool)
@@ -558,7 +533,7 @@ class ModelsTest(parameterized.TestCase):
 
     rng = np.random.default_rng(7)
     t = 8
-    tokens, mask = left_padded_batch(rng, [8, 5, 2], t, 128)
+    tokens, mask = testing.left_padded_batch(rng, [8, 5, 2], t, 128)
     want, cfg, _, got = hf_and_imported_logits(hf, tokens, mask)
     self.assertEqual(cfg.num_kv_heads, num_kv_heads)
     self.assertEqual(cfg.tie_embeddings, tie)
@@ -600,7 +575,7 @@ class ModelsTest(parameterized.TestCase):
 
     rng = np.random.default_rng(3)
     t = 24  # long enough for scaled and unscaled frequencies to diverge
-    tokens, mask = left_padded_batch(rng, [24, 13], t, 128)
+    tokens, mask = testing.left_padded_batch(rng, [24, 13], t, 128)
     want, cfg, state, got = hf_and_imported_logits(hf, tokens, mask)
     self.assertEqual(cfg.qkv_bias, model_type == "qwen2")
     self.assertEqual(cfg.rope_scaling.kind, rope["rope_type"].replace("default", "none"))

@@ -19,8 +19,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import sampling, sharding, sft
+from rlhf_jax import pipeline, sampling, sharding
 from rlhf_jax.models import MoEConfig, TransformerConfig, heads, moe, transformer
+
+import testing  # tests/testing.py
 
 
 def make_cfg(num_layers=2, **moe_kwargs) -> TransformerConfig:
@@ -33,22 +35,8 @@ def make_cfg(num_layers=2, **moe_kwargs) -> TransformerConfig:
 def randomize(create, seed: int):
   """(graphdef, state, numpy params) of `create()` with N(0, 0.3) weights, N(0, 1) router
   (decisive routing: float32 and float64 pick the same experts) and 1 + 0.2 N(0, 1) norms."""
-  graphdef, state = nnx.split(nnx.eval_shape(create))
-  rng = np.random.default_rng(seed)
-
-  def fill(tree):
-    out = {}
-    for k, v in tree.items():
-      if isinstance(v, dict):
-        out[k] = fill(v)
-      else:
-        x = rng.standard_normal(v.shape)
-        out[k] = 1.0 + 0.2 * x if k == "scale" else x if k == "router_DxE" else 0.3 * x
-    return out
-
-  values = fill(nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), values))
-  return graphdef, state, values
+  return testing.random_state(create, seed, std=0.3, stds={"router_DxE": 1.0},
+                              dtype=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -401,20 +389,21 @@ class IntegrationTest(parameterized.TestCase):
     cfg = config_lib.sft_config("test")
     cfg.model.moe.update(num_experts=4, top_k=2, moe_every=2)  # layer 0 dense, layer 1 MoE
     cfg.mesh.update(data=-1, expert=2)  # 8 fake devices: data 4 x expert 2
-    cfg.train.update(num_steps=10, log_every=10, eval_every=0)
-    result = sft.run(cfg, None)  # no workdir: no checkpoints, no metrics files
-    m = result["metrics"]
+    cfg.sft.train.update(num_steps=10, log_every=10, eval_every=0)
+    out = pipeline.run(cfg, None)  # no workdir: no checkpoints, no metrics files
+    result = out.stages["sft"]
+    m = result.metrics
     # A fresh model predicts ~uniformly over the byte vocabulary: CE ~ log(V).
-    self.assertLess(m["ce_loss"], 0.7 * np.log(result["model_config"].vocab_size))
+    self.assertLess(m["ce_loss"], 0.7 * np.log(out.policy.model_config.vocab_size))
     self.assertAlmostEqual(m["loss"], m["ce_loss"] + m["moe/aux_loss"], places=4)
     self.assertBetween(m["moe/aux_loss"], 1e-3, 0.1)
     self.assertBetween(m["moe/dropped_fraction"], 0.0, 0.5)
     self.assertLessEqual(m["moe/expert_load_min"], 1.0)
     self.assertGreaterEqual(m["moe/expert_load_max"], 1.0)
-    gate = result["state"].params["trunk"]["blocks"][1]["mlp"]["gate_ExDxF"][...]
+    gate = result.state.params["trunk"]["blocks"][1]["mlp"]["gate_ExDxF"][...]
     self.assertEqual(gate.sharding.spec, P("expert", "fsdp", "tensor"))
     # The train state holds parameters and optimizer moments only, no recorded statistics.
-    self.assertEmpty([p for p, _ in jax.tree_util.tree_leaves_with_path(result["state"])
+    self.assertEmpty([p for p, _ in jax.tree_util.tree_leaves_with_path(result.state)
                       if "stats" in jax.tree_util.keystr(p)])
 
 
@@ -434,16 +423,6 @@ class ConfigTest(absltest.TestCase):
       MoEConfig(num_experts=4, top_k=3)
     with self.assertRaisesRegex(ValueError, "exceeds"):
       MoEConfig(num_experts=1, top_k=2)
-
-  def test_presets(self):
-    sft_cfg = config_lib.sft_config("moe")
-    self.assertEqual(sft_cfg.model.moe.num_experts, 4)
-    self.assertFalse(sft_cfg.model.moe.dropless)
-    self.assertEqual(config_lib.rm_config("moe").sft.model.moe.num_experts, 4)
-    ppo_cfg = config_lib.ppo_config("moe")
-    self.assertEqual(ppo_cfg.rm.sft.model.moe.num_experts, 4)
-    self.assertTrue(ppo_cfg.rm.sft.model.moe.dropless)  # RL needs dropless routing
-    self.assertEqual(config_lib.sft_config("").model.moe.num_experts, 0)
 
 
 if __name__ == "__main__":

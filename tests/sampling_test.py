@@ -22,6 +22,8 @@ from rlhf_jax import sampling
 from rlhf_jax.models import config as config_lib
 from rlhf_jax.models import heads
 
+import testing  # tests/testing.py
+
 V = 48  # vocab size
 PAD = 0
 NO_EOS = V  # An id the model can never emit: EOS effectively disabled.
@@ -44,23 +46,11 @@ def graphdef_of(cfg) -> nnx.GraphDef:
 
 
 def random_params(cfg, seed: int, head_std: float = 0.5) -> nnx.State:
-  """PolicyModel params set from numpy: N(0, 0.1) matrices, 1 + 0.2 N(0, 1) norm scales and
-  an N(0, head_std) LM head (logits spread over a few units: peaked but not one-hot)."""
-  _, state = nnx.split(nnx.eval_shape(lambda: heads.PolicyModel(cfg, nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(tree):
-    out = {}
-    for k, v in tree.items():
-      if isinstance(v, dict):
-        out[k] = fill(v)
-      else:
-        x = rng.standard_normal(v.shape)
-        std = head_std if k == "lm_head_DxV" else 0.1
-        out[k] = jnp.asarray(1.0 + 0.2 * x if k == "scale" else std * x, v.dtype)
-    return out
-
-  nnx.replace_by_pure_dict(state, fill(nnx.to_pure_dict(state)))
+  """PolicyModel params set from numpy (`testing.random_state`): N(0, 0.1) matrices,
+  1 + 0.2 N(0, 1) norm scales and an N(0, head_std) LM head (logits spread over a few units:
+  peaked but not one-hot)."""
+  _, state, _ = testing.random_state(lambda: heads.PolicyModel(cfg, nnx.Rngs(0)), seed,
+                                     std=0.1, stds={"lm_head_DxV": head_std})
   return state
 
 
@@ -78,11 +68,7 @@ def full_logits(params, tokens, mask, cfg=CFG) -> np.ndarray:
 
 def left_padded_prompts(rng: np.random.Generator, lengths, total_len: int):
   """Tokens [B, T] (pads hold random garbage, not PAD) and a left-padded mask."""
-  tokens = rng.integers(0, V, size=(len(lengths), total_len)).astype(np.int32)
-  mask = np.zeros((len(lengths), total_len), np.int32)
-  for i, n in enumerate(lengths):
-    mask[i, total_len - n:] = 1
-  return tokens, mask
+  return testing.left_padded_batch(rng, lengths, total_len, V)
 
 
 def np_log_softmax(x: np.ndarray) -> np.ndarray:

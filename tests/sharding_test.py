@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import sharding
 from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, ValueModel
-from rlhf_jax.sft import sft_loss
+from rlhf_jax.stages.sft import sft_loss
 from rlhf_jax.train import state as state_lib
 
 CFG = TransformerConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -20,7 +20,7 @@ import shutil
 import uuid
 from typing import Any, Sequence
 
-from rlhf_jax.data import tokenizer as tokenizer_lib
+from rlhf_jax.data.token_ids import content_ids
 from rlhf_jax.fileio import write_json
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -122,7 +122,7 @@ class HFTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`, up to the first EOS, without pad/BOS (other special tokens are kept)."""
-    return self._tk.decode(tokenizer_lib.content_ids(self, ids), skip_special_tokens=False)
+    return self._tk.decode(content_ids(self, ids), skip_special_tokens=False)
 
 
 def _compile_template(source: str):

@@ -16,20 +16,11 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import sentencepiece as spm
 
+from rlhf_jax.data import hf_tokenizer
+# content_ids is re-exported: it lives in token_ids.py, which hf_tokenizer.py shares.
+from rlhf_jax.data.token_ids import content_ids  # pylint: disable=unused-import
 from rlhf_jax.fileio import atomic_write
 
-
-
-def content_ids(tok, ids: Sequence[int]) -> list[int]:
-  """The ids a decoder turns into text: up to the first EOS, without pad and BOS."""
-  kept = []
-  for i in ids:
-    i = int(i)
-    if i == tok.eos_id:
-      break
-    if i not in (tok.pad_id, tok.bos_id):
-      kept.append(i)
-  return kept
 
 class Tokenizer(Protocol):
   pad_id: int
@@ -247,7 +238,6 @@ def get_tokenizer(kind: str, workdir: str | None, corpus: Callable[[], Iterable[
     raise ValueError(f"tokenizer.chat needs a chat template, which only tokenizer.kind='hf' "
                      f"has (kind is {kind!r}).")
   if kind == "hf":
-    from rlhf_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
     if not model_path:
       raise ValueError("tokenizer.kind='hf' needs tokenizer.model_path: a Hugging Face tokenizer "
                        "directory, a GGUF file, or a bundled model name.")
@@ -284,7 +274,6 @@ def describe(tok: Tokenizer) -> dict:
     return {"kind": "byte"}
   if isinstance(tok, SentencePieceTokenizer):
     return {"kind": "sentencepiece", "model_path": os.path.abspath(tok.model_path)}
-  from rlhf_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
   if isinstance(tok, hf_tokenizer.HFTokenizer):
     return {"kind": "hf", "model_path": tok.directory, "chat": tok.chat}
   raise TypeError(f"cannot describe tokenizer of type {type(tok).__name__}.")
@@ -296,6 +285,5 @@ def from_description(desc: dict) -> Tokenizer:
   if desc.get("kind") == "sentencepiece":
     return SentencePieceTokenizer(desc["model_path"])
   if desc.get("kind") == "hf":
-    from rlhf_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
     return hf_tokenizer.HFTokenizer(desc["model_path"], chat=desc.get("chat", False))
   raise ValueError(f"unknown tokenizer description {desc!r}.")
