@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import config as config_lib, sharding
+from rlhf_jax import config as config_lib, scale, sharding
 from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, ValueModel
 
 GIB = 1024 ** 3
@@ -290,6 +290,39 @@ def compiled_step_memory(step_fn, *abstract_args) -> dict[str, int]:
   stats = step_fn.lower(*abstract_args).compile().memory_analysis()
   return {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp",
                                                                    "alias")}
+
+
+# Plain data parallelism over whatever devices there are: what `fit_overrides` sets.
+DATA_PARALLEL = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.expert": 1}
+
+
+def accum_keys(cfg) -> list[str]:
+  """The micro-batch key of every stage a run of `cfg` goes through."""
+  return [f"{stage}.optim.grad_accum_steps" for stage in config_lib.stages_of(cfg)]
+
+
+def fit_overrides(config_fn, preset: str, num_devices: int, device_bytes: float | None,
+                  base: dict[str, object] | None = None, headroom: float = 0.85
+                  ) -> dict[str, object]:
+  """Overrides (dotted key -> value): `base`, plus plain data parallelism over `num_devices`
+  (the one `mesh`) with the fewest micro-batches (`<stage>.optim.grad_accum_steps`, the same
+  in every stage of the run) whose memory estimate stays under `headroom` x `device_bytes`
+  in every stage (e.g. a Colab TPU, whatever its generation). Without `device_bytes` (CPU),
+  no micro-batching."""
+  overrides: dict[str, object] = dict(base or {}, **DATA_PARALLEL)
+  if not device_bytes:
+    return overrides
+  for accum in (1, 2, 4, 8, 16):
+    cfg = config_fn(preset)
+    trial = dict(overrides, **{key: accum for key in accum_keys(cfg)})
+    scale.apply_overrides(cfg, trial)
+    worst = max(estimate(cfg, num_devices, stage=stage).total_bytes
+                for stage in config_lib.stages_of(cfg))
+    if worst <= headroom * device_bytes:
+      return trial
+  raise ValueError(f"preset {preset!r} does not fit {num_devices} device(s) of "
+                   f"{device_bytes / 2**30:.1f} GiB even with 16 micro-batches; choose a "
+                   "smaller preset.")
 
 
 def main(argv):

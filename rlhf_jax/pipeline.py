@@ -26,14 +26,27 @@ class Result:
   policy: artifacts.Policy | None = None  # the SFT policy
   reward: artifacts.RewardFunction | None = None
   stages: dict[str, Any] = dataclasses.field(default_factory=dict)  # stage -> its Result
+  keep_states: bool = False
+  last_stage: str = "ppo"
+
+  def add(self, name: str, result) -> None:
+    """Records a stage's result; its metrics become the pipeline's."""
+    keep = self.keep_states or name == self.last_stage
+    self.stages[name] = result if keep else dataclasses.replace(result, state=None)
+    self.metrics = result.metrics
 
 
-def run(config, workdir: str | None, mesh=None) -> Result:
-  """Runs (or reuses) every stage up to `config.stage`."""
+def run(config, workdir: str | None, mesh=None, keep_states: bool = False) -> Result:
+  """Runs (or reuses) every stage up to `config.stage`.
+
+  `out.stages` holds the Result of each stage run. Without `keep_states` the final train
+  state of SFT and RM (their optimizer moments: twice the parameters) is dropped from it, so
+  PPO does not run with it alive; tests keep it to compare parameters and steps.
+  """
   validate.check(config)
   mesh = mesh or sharding.make_mesh(config.mesh)
   validate.check_artifacts(config)
-  out = Result({})
+  out = Result({}, keep_states=keep_states, last_stage=config.stage)
   out.policy = _policy(config, workdir, mesh, out)
   if config.stage == "sft":
     return out
@@ -47,7 +60,7 @@ def run(config, workdir: str | None, mesh=None) -> Result:
                        "RM from this SFT run (same workdir) or pass matching checkpoints.")
   result = ppo.run(config, out.policy, out.reward, records_lib.load_prompts(config), mesh,
                    workdir, rm_metrics)
-  out.stages["ppo"], out.metrics = result, result.metrics
+  out.add("ppo", result)
   return out
 
 
@@ -62,7 +75,7 @@ def _policy(config, workdir, mesh, out: Result) -> artifacts.Policy:
     out.metrics = artifacts.read_summary(path)
     return artifacts.load_policy(path, mesh)
   result = sft.run(config, records_lib.load_sft_data(config, workdir), mesh, workdir)
-  out.stages["sft"], out.metrics = result, result.metrics
+  out.add("sft", result)
   return result.policy
 
 
@@ -83,6 +96,6 @@ def _reward(config, workdir, mesh, out: Result):
     task = tasks.get_task(config.data.task)
     prefs = preferences.run(config, task, out.policy, mesh, workdir)
   result = rm.run(config, out.policy, prefs, task, mesh, workdir)
-  out.stages["rm"], out.metrics = result, result.metrics
+  out.add("rm", result)
   return result.reward, result.metrics
 

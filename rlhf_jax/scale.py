@@ -113,41 +113,6 @@ def apply(c: ml_collections.ConfigDict, preset: str) -> None:
                                                    minibatch // max(shards, 1))))
 
 
-# Plain data parallelism over whatever devices there are: what `fit_overrides` sets.
-DATA_PARALLEL = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.expert": 1}
-
-
-def accum_keys(cfg) -> list[str]:
-  """The micro-batch key of every stage a run of `cfg` goes through."""
-  from rlhf_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  return [f"{stage}.optim.grad_accum_steps" for stage in config_lib.stages_of(cfg)]
-
-
-def fit_overrides(config_fn, preset: str, num_devices: int, device_bytes: float | None,
-                  base: dict[str, object] | None = None, headroom: float = 0.85
-                  ) -> dict[str, object]:
-  """Overrides (dotted key -> value): `base`, plus plain data parallelism over `num_devices`
-  (the one `mesh`) with the fewest micro-batches (`<stage>.optim.grad_accum_steps`, the same
-  in every stage of the run) whose memory estimate stays under `headroom` x `device_bytes`
-  in every stage (e.g. a Colab TPU, whatever its generation). Without `device_bytes` (CPU),
-  no micro-batching."""
-  from rlhf_jax import config as config_lib, memory  # pylint: disable=g-import-not-at-top
-  overrides: dict[str, object] = dict(base or {}, **DATA_PARALLEL)
-  if not device_bytes:
-    return overrides
-  for accum in (1, 2, 4, 8, 16):
-    cfg = config_fn(preset)
-    trial = dict(overrides, **{key: accum for key in accum_keys(cfg)})
-    apply_overrides(cfg, trial)
-    worst = max(memory.estimate(cfg, num_devices, stage=stage).total_bytes
-                for stage in config_lib.stages_of(cfg))
-    if worst <= headroom * device_bytes:
-      return trial
-  raise ValueError(f"preset {preset!r} does not fit {num_devices} device(s) of "
-                   f"{device_bytes / 2**30:.1f} GiB even with 16 micro-batches; choose a "
-                   "smaller preset.")
-
-
 def _get(cfg, dotted: str):
   for part in dotted.split("."):
     cfg = cfg[part]

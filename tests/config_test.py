@@ -34,7 +34,7 @@ class SharedKeysTest(absltest.TestCase):
         "rm.normalize.num_samples": 32, "rm.train.num_steps": 2, "rm.train.eval_every": 0,
         "ppo.num_iterations": 1, "ppo.data.num_eval_prompts": 16})
     with tempfile.TemporaryDirectory() as wd:
-      out = pipeline.run(cfg, wd)
+      out = pipeline.run(cfg, wd, keep_states=True)
       with open(os.path.join(wd, "rm", "preferences_train.settings.json")) as f:
         settings = json.load(f)
     sft, rm, ppo = (out.stages[k] for k in ("sft", "rm", "ppo"))

@@ -118,7 +118,7 @@ class ScalePresetTest(absltest.TestCase):
   def test_fit_overrides_for_colab_tpus(self):
     base = {f"data.{k}": 24 for k in ("max_prompt_len", "max_completion_len")}  # shared
     for devices, gib in ((8, 8), (1, 16)):  # TPU v2-8 cores; one v5e chip
-      overrides = scale.fit_overrides(config_lib.ppo_config, "125m", devices, gib * GIB, base)
+      overrides = memory.fit_overrides(config_lib.ppo_config, "125m", devices, gib * GIB, base)
       cfg = scale.apply_overrides(config_lib.ppo_config("125m"), overrides)
       self.assertEqual(cfg.data.max_prompt_len, 24)
       self.assertEqual(cfg.mesh.data, -1)  # the one mesh, for every stage
@@ -128,7 +128,7 @@ class ScalePresetTest(absltest.TestCase):
         self.assertLessEqual(memory.estimate(cfg, devices, stage=stage).total_bytes,
                              0.85 * gib * GIB, stage)
     with self.assertRaisesRegex(ValueError, "does not fit 1 device"):
-      scale.fit_overrides(config_lib.ppo_config, "7b", 1, 16 * GIB)
+      memory.fit_overrides(config_lib.ppo_config, "7b", 1, 16 * GIB)
     with self.assertRaisesRegex(KeyError, "no key 'mesh.dta'"):
       scale.apply_overrides(config_lib.sft_config("test"), {"mesh.dta": 2})
 

@@ -162,6 +162,9 @@ class MoePpoTest(absltest.TestCase):
       out = pipeline.run(cfg, wd)
       rows = [r for r in testing.metric_rows(wd, "ppo") if "objective/kl" in r]
     self.assertEqual(set(out.stages), {"sft", "ppo"})  # gold reward: no RM stage
+    # SFT's optimizer moments are not kept alive through PPO; its policy is.
+    self.assertIsNone(out.stages["sft"].state)
+    self.assertIs(out.stages["sft"].policy, out.policy)
     self.assertLen(rows, 3)
     for r in rows:
       self.assertAlmostEqual(r["policy/first_minibatch_ratio"], 1.0, places=6)

@@ -102,7 +102,7 @@ def shared_pipeline():
     from rlhf_jax import pipeline  # pylint: disable=g-import-not-at-top
     workdir = tempfile.mkdtemp(prefix="rlhf_jax_shared_pipeline_")
     atexit.register(shutil.rmtree, workdir, True)
-    _SHARED["run"] = (workdir, pipeline.run(pipeline_config(), workdir))
+    _SHARED["run"] = (workdir, pipeline.run(pipeline_config(), workdir, keep_states=True))
   return _SHARED["run"]
 
 
