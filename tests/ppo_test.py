@@ -182,7 +182,7 @@ def _np_log_softmax(x):
 
 
 class PpoLossTest(parameterized.TestCase):
-  """`ppo_loss` and the experience pass run the LM head on the response positions only and
+  """`ppo_fn.loss` and the experience pass run the LM head on the response positions only and
   take log-probs as logit - logsumexp; checked against the whole-sequence logits of
   `ActorCritic.__call__`, a float64 numpy log-softmax, and the gradient of a loss written
   the straightforward way (full log_softmax, entropy always differentiated)."""

@@ -7,6 +7,7 @@ explicit in/out shardings and the old state donated (its buffers are reused in p
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -64,7 +65,7 @@ def _micro_batches(batch, k: int):
 
 def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
                     mesh: Mesh | None = None, shardings: TrainState | None = None,
-                    batch_shardings=None, grad_accum_steps: int = 1):
+                    batch_shardings=None, grad_accum_steps: int = 1) -> "TrainStep":
   """Jitted `step(state, batch) -> (state, metrics)`; metrics include `loss` and `grad_norm`.
 
   `grad_accum_steps` = k > 1 splits the batch into k micro-batches, runs forward/backward on
@@ -106,13 +107,21 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
     return TrainState(state.step + 1, params, opt_state), metrics
 
   if mesh is None:
-    return jax.jit(step, donate_argnums=0)
+    return TrainStep(jax.jit(step, donate_argnums=0), None)
   jitted = jax.jit(step, in_shardings=(shardings, batch_shardings),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+  return TrainStep(jitted, mesh)
 
-  def run(state, batch):
-    with sharding.use_mesh(mesh):
-      return jitted(state, batch)
 
-  run.jitted = jitted
-  return run
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """`step(state, batch) -> (state, metrics)`: the compiled step (`jitted`, for cost analysis
+  and HLO dumps), called under its mesh and logical-axis rules."""
+  jitted: Callable
+  mesh: Mesh | None
+
+  def __call__(self, state, batch):
+    if self.mesh is None:
+      return self.jitted(state, batch)
+    with sharding.use_mesh(self.mesh):
+      return self.jitted(state, batch)
