@@ -64,8 +64,9 @@ class StageRunner:
       return state, 0
     state, meta = ckpt.restore(state)
     batches.position = int(meta["data_position"])
-    step = int(meta["step"]) if "step" in meta else int(jax.device_get(state.step))
-    carry.update(meta.get("carry", {}))
+    # Checkpoints written before the runner: PPO's held `iteration` and `kl_coef`.
+    step = int(meta.get("step", meta.get("iteration", jax.device_get(state.step))))
+    carry.update(meta.get("carry", {k: meta[k] for k in carry if k in meta}))
     self.writer.drop_after(step)
     logging.info("[%s] resumed from step %d", self.stage, step)
     return state, step
