@@ -144,6 +144,9 @@ def get_config(stage: str, preset: str = "") -> ml_collections.ConfigDict:
     c.sft_checkpoint = ""  # a finished SFT folder (W/sft) to start from instead of training
   if stage == "ppo":
     c.rm_checkpoint = ""  # a finished RM folder (W/rm)
+  # A stage to train again although the workdir holds a finished or interrupted run of it:
+  # its folder and the later stages' are moved aside (<stage>.old-N), nothing is deleted.
+  c.retrain = ""
   for name in STAGES[:STAGES.index(stage) + 1]:
     c[name] = _SECTIONS[name]()
   _apply_preset(c, preset)

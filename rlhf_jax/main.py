@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
+import math
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -41,6 +43,14 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "$JAX_COMPILATION_CACHE_DIR if set, else <workdir>/jax_cache; 'off' = none. Reruns and "
     "resumed runs then load their compiled programs instead of compiling them again.")
 
+_VERBOSE_ERRORS = flags.DEFINE_bool(
+    "verbose_errors", False, "Print the full Python traceback of an expected error (a bad "
+    "config value, bad data, a missing or damaged file, a non-finite loss) instead of one line.")
+
+# What a user can cause and fix: reported as one line (the traceback with --verbose_errors).
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, KeyError)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -48,6 +58,23 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/ppo.py")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is empty; name a directory (default ./workdir).")
+  try:
+    _run(config, _WORKDIR.value)
+  except EXPECTED_ERRORS as e:
+    if _VERBOSE_ERRORS.value:
+      raise
+    message = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
+    sys.stderr.write(f"error: {type(e).__name__}: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    # Skip interpreter shutdown: orbax's and tensorstore's background threads would print
+    # "Event loop is closed" tracebacks after the one line above.
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _run(config, workdir: str) -> None:
   # Imported here so that --help comes back fast.
   from rlhf_jax import config as config_lib, distributed, memory, validate  # pylint: disable=g-import-not-at-top
   validate.check(config)  # before anything touches a device or the workdir
@@ -57,12 +84,8 @@ def main(argv):
   distributed.log_topology(info)
   if not distributed.is_main_process():  # one copy of the logs: process 0's
     logging.set_verbosity(logging.WARNING)
-  workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   _use_compilation_cache(_COMPILATION_CACHE.value, workdir)
-  if distributed.is_main_process():
-    with open(os.path.join(workdir, f"config_{config.stage}.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   logging.info("config:\n%s", config)
   for stage in config_lib.stages_of(config):
     try:
@@ -75,7 +98,12 @@ def main(argv):
 
   result = pipeline.run(config, workdir)
   if distributed.is_main_process():
-    print(json.dumps({"stage": config.stage, "workdir": workdir, **result.metrics}))
+    # The config of the last successful run (a failed rerun leaves the previous one).
+    with open(os.path.join(workdir, f"config_{config.stage}.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    final = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+             for k, v in result.metrics.items()}
+    print(json.dumps({"stage": config.stage, "workdir": workdir, **final}, allow_nan=False))
 
 
 def _use_compilation_cache(setting: str, workdir: str) -> None:

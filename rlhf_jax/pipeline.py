@@ -5,17 +5,21 @@ config, and returns artifacts; no stage module imports another. Before anything 
 config is validated (`validate.py`) and the artifacts named by `sft_checkpoint` /
 `rm_checkpoint` are checked against it, so a PPO setting error is found before SFT trains.
 A finished stage in the workdir (its `summary.json` written, its checkpoint at the
-configured step) is reused, an interrupted one resumes.
+configured step) is reused and an interrupted one resumes, both only if made with the same
+settings (`stage_settings.py`); `--config.retrain=<stage>` moves that stage's folder and the
+later ones aside and trains them again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
+import jax
 from absl import logging
 
-from rlhf_jax import artifacts, sharding, validate
+from rlhf_jax import artifacts, config as config_lib, sharding, stage_settings, validate
 from rlhf_jax.data import records as records_lib, tasks
 from rlhf_jax.stages import ppo, preferences, rm, sft
 
@@ -45,7 +49,11 @@ def run(config, workdir: str | None, mesh=None, keep_states: bool = False) -> Re
   """
   validate.check(config)
   mesh = mesh or sharding.make_mesh(config.mesh)
+  validate.check_mesh(config, mesh)
   validate.check_artifacts(config)
+  if workdir and config.retrain:
+    stages = config_lib.stages_of(config)
+    stage_settings.move_aside(workdir, stages[stages.index(config.retrain):])
   out = Result({}, keep_states=keep_states, last_stage=config.stage)
   out.policy = _policy(config, workdir, mesh, out)
   if config.stage == "sft":
@@ -58,10 +66,37 @@ def run(config, workdir: str | None, mesh=None, keep_states: bool = False) -> Re
     if out.reward.tokenizer.vocab_size != out.policy.tokenizer.vocab_size:
       raise ValueError("the reward model and the policy use different tokenizers; train the "
                        "RM from this SFT run (same workdir) or pass matching checkpoints.")
+  ppo_dir = artifacts.stage_dir(workdir, "ppo")
+  if _reusable(ppo_dir, config, "ppo", config.ppo.num_iterations):
+    logging.info("[pipeline] reusing the finished PPO run in %s", ppo_dir)
+    out.metrics = artifacts.read_summary(ppo_dir)
+    return out
+  _claim(ppo_dir, config, "ppo")
   result = ppo.run(config, out.policy, out.reward, records_lib.load_prompts(config), mesh,
                    workdir, rm_metrics)
   out.add("ppo", result)
   return out
+
+
+def _reusable(out_dir: str | None, config, stage: str, num_steps: int | None) -> bool:
+  """Whether `out_dir` holds a finished run of `stage` to reuse (an error if it was made
+  with other settings)."""
+  if not artifacts.finished(out_dir, num_steps):
+    return False
+  stage_settings.check(out_dir, config, stage)
+  return True
+
+
+def _claim(out_dir: str | None, config, stage: str) -> None:
+  """Before a stage (re)starts in `out_dir`: an interrupted run there must have been made with
+  the same settings (it is resumed); a new one records them."""
+  if not out_dir:
+    return
+  if os.path.exists(os.path.join(out_dir, stage_settings.FILE)):
+    stage_settings.check(out_dir, config, stage)
+  elif jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    stage_settings.save(out_dir, config, stage)
 
 
 def _policy(config, workdir, mesh, out: Result) -> artifacts.Policy:
@@ -69,11 +104,12 @@ def _policy(config, workdir, mesh, out: Result) -> artifacts.Policy:
   (or resumed) now."""
   path = config.get("sft_checkpoint", "")
   sft_dir = artifacts.stage_dir(workdir, "sft")
-  if path or artifacts.finished(sft_dir, config.sft.train.num_steps):
+  if path or _reusable(sft_dir, config, "sft", config.sft.train.num_steps):
     path = path or sft_dir
     logging.info("[pipeline] reusing the finished SFT policy in %s", path)
     out.metrics = artifacts.read_summary(path)
     return artifacts.load_policy(path, mesh)
+  _claim(sft_dir, config, "sft")
   result = sft.run(config, records_lib.load_sft_data(config, workdir), mesh, workdir)
   out.add("sft", result)
   return result.policy
@@ -84,11 +120,12 @@ def _reward(config, workdir, mesh, out: Result):
   else trained (or resumed) now on user pairs or pairs generated from the SFT policy."""
   path = config.get("rm_checkpoint", "")
   rm_dir = artifacts.stage_dir(workdir, "rm")
-  if path or artifacts.finished(rm_dir):
+  if path or _reusable(rm_dir, config, "rm", config.rm.train.num_steps):
     path = path or rm_dir
     logging.info("[pipeline] reusing the finished reward model in %s", path)
     out.metrics = artifacts.read_summary(path)
     return artifacts.load_reward_model(path, mesh), out.metrics
+  _claim(rm_dir, config, "rm")
   if records_lib.uses_files(config.rm.data):
     train, evals, names, _ = records_lib.load_records(config, "rm", "preference", "")
     prefs, task = preferences.PreferenceData(train, evals, names), None

@@ -31,9 +31,11 @@ def _positive(key: str, value) -> None:
 def check(config) -> None:
   """Raises ValueError naming the first bad key of `config`."""
   _choice("stage", config.stage, config_lib.STAGES)
+  _choice("retrain", config.retrain, ("",) + config_lib.stages_of(config))
   _check_shared(config)
   for name in config_lib.stages_of(config):
     _check_optim(f"{name}.optim", config[name].optim)
+    _check_train(f"{name}.train", config[name].train)
   _check_sft(config)
   if "rm" in config:
     _check_rm(config)
@@ -61,9 +63,21 @@ def _check_shared(config) -> None:
     TransformerConfig.from_config(dict(config.model, vocab_size=256))
 
 
+def _check_train(key: str, t) -> None:
+  for name in ("log_every", "keep_checkpoints"):
+    if name in t and t[name] < 1:
+      raise ValueError(f"{key}.{name} must be >= 1, got {t[name]}.")
+  for name in ("eval_every", "checkpoint_every", "sample_every", "num_samples_shown"):
+    if name in t and t[name] < 0:
+      raise ValueError(f"{key}.{name} must be >= 0 (0: off), got {t[name]}.")
+
+
 def _check_optim(key: str, o) -> None:
-  if not o.learning_rate >= 0:
-    raise ValueError(f"{key}.learning_rate must be >= 0, got {o.learning_rate!r}.")
+  if not 0 <= o.learning_rate < float("inf"):
+    raise ValueError(f"{key}.learning_rate must be finite and >= 0, got {o.learning_rate!r}.")
+  for name in ("warmup_steps", "decay_steps"):
+    if o[name] < 0:
+      raise ValueError(f"{key}.{name} must be >= 0, got {o[name]}.")
   _choice(f"{key}.schedule", o.schedule, SCHEDULES)
   if o.schedule != "constant" and o.decay_steps <= o.warmup_steps:
     raise ValueError(f"{key}.decay_steps ({o.decay_steps}) must exceed {key}.warmup_steps "
@@ -136,6 +150,15 @@ def _check_ppo(config) -> None:
                p.optim.grad_accum_steps, "ppo.optim.grad_accum_steps")
   for key in ("num_iterations", "ppo_epochs", "num_minibatches"):
     _positive(f"ppo.{key}", p[key])
+  s = config.sampling
+  if s.top_k or s.top_p < 1 or s.min_new_tokens:
+    # The sampler's log-probs are of the unfiltered softmax (what the training forward
+    # recomputes); with filters the samples come from another distribution, so PPO's "old
+    # policy" would not be the sampling policy (TRL issue 6789).
+    raise ValueError("PPO samples from softmax(logits / sampling.temperature) and trains on "
+                     "its log-probs: unset sampling.top_k, sampling.top_p and "
+                     "sampling.min_new_tokens (got "
+                     f"{s.top_k}, {s.top_p}, {s.min_new_tokens}) for RL.")
   if not config.sft_checkpoint and not config.init_from:
     _check_ppo_network(config.model.moe.num_experts, config.model.moe.dropless,
                        config.model.moe.router_jitter, "model.moe")
@@ -165,3 +188,26 @@ def check_artifacts(config) -> None:
     m = artifacts.read_model_config(config.sft_checkpoint).moe
     _check_ppo_network(m.num_experts, m.dropless, m.router_jitter,
                        f"the policy in {config.sft_checkpoint}: model.moe")
+
+
+def check_mesh(config, mesh) -> None:
+  """Every batch of the run splits evenly over the mesh's batch shards."""
+  from rlhf_jax import sharding  # pylint: disable=g-import-not-at-top
+  shards = 1
+  for axis in sharding.BATCH_AXES:
+    shards *= mesh.shape[axis]
+  sizes = [("sft.data.batch_size", config.sft.data.batch_size)]
+  if "rm" in config:
+    sizes += [("rm.data.batch_size", config.rm.data.batch_size),
+              ("rm.data.generation_batch_size", config.rm.data.generation_batch_size)]
+  if "ppo" in config:
+    p = config.ppo
+    sizes += [("ppo.data.batch_size", p.data.batch_size),
+              ("ppo minibatch (ppo.data.batch_size / ppo.num_minibatches / "
+               "ppo.optim.grad_accum_steps)",
+               p.data.batch_size // p.num_minibatches // p.optim.grad_accum_steps)]
+  for key, size in sizes:
+    if size % shards:
+      raise ValueError(f"{key} is {size}, which does not split over the {shards} batch shards "
+                       f"of the mesh {dict(mesh.shape)}; choose a multiple of {shards} or "
+                       "another mesh.")

@@ -12,7 +12,7 @@ import numpy as np
 
 import testing
 from rlhf_jax import config as config_lib
-from rlhf_jax import pipeline, scale, validate
+from rlhf_jax import pipeline, scale, sharding, validate
 
 
 def _mesh_of(params):
@@ -79,12 +79,47 @@ class ValidationTest(parameterized.TestCase):
       ("chat", {"tokenizer.chat": True}, "tokenizer.chat needs a chat template"),
       ("model", {"model.num_kv_heads": 3}, "model config"),
       ("sampling", {"sampling.top_p": 0.0}, "0 < top_p <= 1"),
+      ("keep_checkpoints", {"sft.train.keep_checkpoints": 0}, r"sft.train.keep_checkpoints must "
+       r"be >= 1, got 0"),
+      ("num_steps", {"rm.train.num_steps": 0}, "rm.train.num_steps must be positive, got 0"),
+      ("num_steps_negative", {"sft.train.num_steps": -3}, "sft.train.num_steps must be positive"),
+      ("iterations", {"ppo.num_iterations": 0}, "ppo.num_iterations must be positive"),
+      ("batch", {"sft.data.batch_size": 0}, "sft.data.batch_size must be positive, got 0"),
+      ("log_every", {"rm.train.log_every": 0}, "rm.train.log_every must be >= 1, got 0"),
+      ("prompt_len", {"data.max_prompt_len": 0}, "data.max_prompt_len must be positive, got 0"),
+      ("lr_inf", {"sft.optim.learning_rate": float("inf")}, "must be finite and >= 0"),
+      ("lr_negative", {"ppo.optim.learning_rate": -1e-4}, "must be finite and >= 0"),
+      ("retrain", {"retrain": "dpo"}, r"retrain is 'dpo'; choose one of \('', 'sft', 'rm', 'ppo'\)"),
+      ("ppo_top_k", {"sampling.top_k": 5}, "unset sampling.top_k, sampling.top_p and "
+       "sampling.min_new_tokens"),
+      ("ppo_top_p", {"sampling.top_p": 0.9}, "for RL"),
+      ("ppo_min_new_tokens", {"sampling.min_new_tokens": 2}, "for RL"),
   )
   def test_bad_setting_is_one_line_naming_the_key(self, overrides, message):
     cfg = scale.apply_overrides(config_lib.ppo_config("test"), overrides)
     with self.assertRaisesRegex(ValueError, message) as raised:
       validate.check(cfg)
     self.assertNotIn("\n", str(raised.exception))
+
+  def test_batches_must_split_over_the_mesh(self):
+    mesh = sharding.make_mesh(dict(data=4, fsdp=2, num_devices=8))  # 8 batch shards
+    cfg = config_lib.ppo_config("test")
+    validate.check_mesh(cfg, mesh)  # batch 16, minibatch 8: fine
+    cfg.rm.data.generation_batch_size = 12
+    with self.assertRaisesRegex(ValueError, r"rm.data.generation_batch_size is 12, which does "
+                                r"not split over the 8 batch shards"):
+      validate.check_mesh(cfg, mesh)
+    cfg.rm.data.generation_batch_size = 32
+    cfg.ppo.num_minibatches = 4  # minibatches of 4 rows on 8 shards
+    with self.assertRaisesRegex(ValueError, "ppo minibatch"):
+      validate.check_mesh(cfg, mesh)
+    with self.assertRaisesRegex(ValueError, "ppo minibatch"):  # before anything runs
+      pipeline.run(cfg, None, mesh)
+
+  def test_sampling_filters_are_fine_outside_rl(self):
+    cfg = config_lib.rm_config("test")
+    cfg.sampling.update(top_k=5, top_p=0.9, min_new_tokens=2)
+    validate.check(cfg)
 
   def test_every_preset_is_valid(self):
     for stage in config_lib.STAGES:

@@ -31,10 +31,11 @@ class MetricsWriter:
     if not self.path or jax.process_index() != 0:
       return
     row = {"stage": self.stage, "step": int(step)}
-    row.update({k: float(v) for k, v in metrics.items()})
+    # Strict JSON: a non-finite value (e.g. the KL of a run with no iteration) is null.
+    row.update({k: float(v) if math.isfinite(float(v)) else None for k, v in metrics.items()})
     # One write call per line: a crash cannot leave half a line behind a complete one.
     with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+      f.write(json.dumps(row, allow_nan=False) + "\n")
     for k, v in metrics.items():
       self._tb.add_scalar(f"{self.stage}/{k}", float(v), int(step))
     self._tb.flush()
@@ -57,7 +58,7 @@ class MetricsWriter:
       self._tb.close()
 
 
-def check_finite(step: int, metrics: dict[str, float], keys=("loss",)):
+def check_finite(step: int, metrics: dict[str, float], keys=("loss", "grad_norm")):
   for k in keys:
     if k in metrics and not math.isfinite(metrics[k]):
       raise FloatingPointError(

@@ -12,17 +12,31 @@ an uninterrupted one (every stage derives its random keys from the seed and the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import tqdm
 from absl import logging
 
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.metrics import MetricsWriter, check_finite
+
+FINITE_KEYS = ("loss", "grad_norm")  # checked on every logged step and before every save
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def _json_safe(metrics: dict[str, float]) -> dict[str, float | None]:
+  """Metrics for JSON metadata: non-finite values as null (strict JSON)."""
+  return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
 
 
 @dataclasses.dataclass
@@ -52,6 +66,7 @@ class StageRunner:
     self.loop = loop
     self.writer = MetricsWriter(workdir, stage)
     self.checkpointer = None
+    self.restored_metrics: dict[str, float] = {}  # the last logged metrics of a resumed run
     if workdir:
       self.checkpointer = Checkpointer(os.path.join(workdir, stage, "checkpoints"),
                                        loop.checkpoint_every, loop.keep_checkpoints)
@@ -67,6 +82,8 @@ class StageRunner:
     # Checkpoints written before the runner: PPO's held `iteration` and `kl_coef`.
     step = int(meta.get("step", meta.get("iteration", jax.device_get(state.step))))
     carry.update(meta.get("carry", {k: meta[k] for k in carry if k in meta}))
+    self.restored_metrics = {k: float("nan") if v is None else v
+                             for k, v in meta.get("metrics", {}).items()}
     self.writer.drop_after(step)
     logging.info("[%s] resumed from step %d", self.stage, step)
     return state, step
@@ -91,6 +108,13 @@ class StageRunner:
       bar.update(1)
       is_eval = bool(eval_fn and loop.eval_every and (i % loop.eval_every == 0
                                                       or i == loop.num_steps))
+      saving = self.checkpointer is not None and (
+          i == loop.num_steps or (loop.checkpoint_every > 0 and i % loop.checkpoint_every == 0))
+      if saving and not (i % loop.log_every == 0 or i == start + 1 or is_eval):
+        # Never save a state whose step was not finite: its loss and gradient norm are two
+        # scalars to fetch, and a NaN state would replace good checkpoints in the rotation.
+        check_finite(i, {k: float(v) for k, v in jax.device_get(metrics).items()
+                         if k in FINITE_KEYS})
       if i % loop.log_every == 0 or i == loop.num_steps or i == start + 1 or is_eval:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         check_finite(i, metrics)
@@ -108,13 +132,20 @@ class StageRunner:
                      time.perf_counter() - t0, shown)
         last = metrics
         window_start, window_steps = time.perf_counter(), 0
-      if self.checkpointer is not None:
+      if saving:
+        if not bool(_all_finite(state.params)):  # one scalar; a save writes them all anyway
+          raise FloatingPointError(
+              f"step {i}: the parameters are not finite; not saving them over good "
+              "checkpoints. Lower the stage's optim.learning_rate or set optim.grad_clip.")
         self.checkpointer.maybe_save(
-            i, state, {"data_position": batches.position, "step": i, "carry": dict(carry)},
+            i, state, {"data_position": batches.position, "step": i, "carry": dict(carry),
+                       "metrics": _json_safe(last) if last else {}},
             force=i == loop.num_steps)
     bar.close()
-    if start >= loop.num_steps and eval_fn:  # resumed a finished run: report its final eval
-      last = eval_fn(state)
+    if start >= loop.num_steps:  # resumed a finished run: report what it last logged
+      last = dict(self.restored_metrics)
+      if eval_fn:
+        last.update(eval_fn(state))
     return state, last
 
   def close(self):
