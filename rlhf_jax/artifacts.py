@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax import sharding
-from rlhf_jax.data import batching, tokenizer as tokenizer_lib
+from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.fileio import write_json
 from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig
 from rlhf_jax.train import checkpoint
@@ -63,16 +63,21 @@ class RewardFunction:
     return self.gain * eval_model(self.graphdef, params)(tokens_BxT, mask_BxT) + self.bias
 
 
-def raw_scores(graphdef, params, tok, prompts, completions, max_prompt_len: int,
-               max_completion_len: int, batch_size: int, mesh, score_fn=None) -> np.ndarray:
-  """Raw RM scores of prompt + completion texts, in the training layout (EOS appended).
-  `score_fn` is a jitted `(params, tokens, mask) -> [B]`; pass one to reuse its program."""
-  recs = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
-  arr = batching.sft_arrays(recs, tok, max_prompt_len, max_completion_len)
-  fn = score_fn or jax.jit(lambda p, t, m: eval_model(graphdef, p)(t, m))
-  outs = sharding.for_each_batch(lambda _, b: fn(params, b["tokens"], b["mask"]),
-                                 {"tokens": arr["tokens"], "mask": arr["mask"]}, batch_size, mesh)
-  return np.concatenate(outs)[:len(prompts)]
+def raw_score_fn(graphdef):
+  """A jitted `(params, tokens, mask) -> [B]`: the raw (unnormalised) score of an RM."""
+  return jax.jit(lambda p, t, m: eval_model(graphdef, p)(t, m))
+
+
+def sequence_scores(score_fn, params, tokens_NxT, mask_NxT, batch_size: int,
+                    mesh) -> np.ndarray:
+  """`score_fn(params, tokens, mask) -> [B]` (jitted: `raw_score_fn`, or a `RewardFunction`'s
+  normalised `score`) over host rows of token ids, e.g. `sampling.Samples.seq` / `seq_mask`
+  (PPO's rollout layout), `batch_size` rows at a time on the mesh; [N] float32."""
+  outs = sharding.for_each_batch(lambda _, b: score_fn(params, b["tokens"], b["mask"]),
+                                 {"tokens": tokens_NxT, "mask": mask_NxT}, batch_size, mesh)
+  if not outs:
+    return np.zeros((0,), np.float32)
+  return np.concatenate(outs)[:len(tokens_NxT)]
 
 
 def save_network(out_dir: str, model_cfg: TransformerConfig, tok, summary: dict, **extra_json):

@@ -1,10 +1,23 @@
-"""Atomic file writes: a reader (or a crashed run) never sees half a file."""
+"""Atomic file writes: a reader (or a crashed run) never sees half a file, and a full disk
+is one error naming the file."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
+
+
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def no_space_error(e: OSError, path: str) -> OSError:
+  """A one-line OSError naming `path` for a full disk / quota / file-size limit, else `e`."""
+  if e.errno in NO_SPACE:
+    return OSError(e.errno, f"no space left on device / file too large: {path}; free space "
+                   "there or write elsewhere (--workdir).")
+  return e
 
 
 def atomic_write(path: str, data: str | bytes) -> None:
@@ -17,6 +30,11 @@ def atomic_write(path: str, data: str | bytes) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    err = no_space_error(e, path)
+    if err is e:
+      raise
+    raise err from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

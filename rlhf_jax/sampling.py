@@ -10,7 +10,8 @@ before top-k/top-p filtering, which is what PPO needs for its old log-probs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import functools
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,19 +51,59 @@ def decode_rows(tok, tokens_BxN, mask_BxN) -> list[str]:
                                                          np.asarray(mask_BxN))]
 
 
-def sample_texts(sampler, params, tok, prompts: Sequence[str], mesh, max_prompt_len: int,
-                 batch_size: int, rng: jax.Array) -> list[str]:
-  """One decoded sample per prompt, in order, `batch_size` prompts per call of `sampler`
-  (a `make_sampler` function: build it once, so repeated calls reuse its program). The batch
-  at row offset i draws with `fold_in(rng, i)`."""
+@dataclasses.dataclass
+class Samples:
+  """One sampled response per prompt of a list, as ids in PPO's rollout layout: the
+  left-padded prompt, then the response tokens and mask from the sampler (pads after EOS).
+  Score `seq` / `seq_mask` (what `ppo.Iteration.rollout` builds and the RM scores there), not
+  the decoded `texts` re-encoded: decode -> encode need not give back the sampled ids."""
+  prompt_tokens: np.ndarray  # [N, P] left-padded prompts
+  prompt_mask: np.ndarray  # [N, P]
+  tokens: np.ndarray  # [N, M] response tokens
+  mask: np.ndarray  # [N, M] 1 up to and including EOS
+  tokenizer: Any
+
+  @property
+  def seq(self) -> np.ndarray:
+    """Prompt + response tokens, [N, P + M]."""
+    return np.concatenate([self.prompt_tokens, self.tokens], axis=1)
+
+  @property
+  def seq_mask(self) -> np.ndarray:
+    return np.concatenate([self.prompt_mask, self.mask], axis=1)
+
+  @functools.cached_property
+  def texts(self) -> list[str]:
+    """The decoded responses (decoded on first use)."""
+    return decode_rows(self.tokenizer, self.tokens, self.mask)
+
+
+def sample_prompts(sampler, params, tok, prompts: Sequence[str], mesh, max_prompt_len: int,
+                   batch_size: int, rng: jax.Array) -> Samples:
+  """One sample per prompt, in order, `batch_size` prompts per call of `sampler` (a
+  `make_sampler` function: build it once, so repeated calls reuse its program). The batch at
+  row offset i draws with `fold_in(rng, i)`."""
   arrays = batching.prompt_arrays(list(prompts), tok, max_prompt_len)
 
   def sample(start, b):
-    return sampler(params, b["tokens"], b["mask"], jax.random.fold_in(rng, start))
+    out = sampler(params, b["tokens"], b["mask"], jax.random.fold_in(rng, start))
+    return {"tokens": out["tokens"], "mask": out["mask"]}
 
   outs = sharding.for_each_batch(sample, arrays, batch_size, mesh)
-  texts = [t for out in outs for t in decode_rows(tok, out["tokens"], out["mask"])]
-  return texts[:len(prompts)]
+
+  def rows(key):
+    if not outs:
+      return np.zeros((0, 0), np.int32)
+    return np.concatenate([o[key] for o in outs])[:len(prompts)]
+
+  return Samples(arrays["tokens"], arrays["mask"], rows("tokens"), rows("mask"), tok)
+
+
+def sample_texts(sampler, params, tok, prompts: Sequence[str], mesh, max_prompt_len: int,
+                 batch_size: int, rng: jax.Array) -> list[str]:
+  """The decoded responses of `sample_prompts` (same arguments, same draws)."""
+  return sample_prompts(sampler, params, tok, prompts, mesh, max_prompt_len, batch_size,
+                        rng).texts
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:

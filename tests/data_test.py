@@ -6,16 +6,21 @@ checked for exact equality: text -> ids -> text, and JSONL -> array_record -> re
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import numpy as np
 import tensorflow_datasets as tfds
 
+from rlhf_jax import fileio
+from rlhf_jax.data import batching
 from rlhf_jax.data import sources
 from rlhf_jax.data import tfds_builder
 from rlhf_jax.data import tokenizer as tokenizer_lib
@@ -237,7 +242,7 @@ class JsonlTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "no records"):
       sources.read_jsonl(write_lines(os.path.join(self.dir, "blank.jsonl"), ["", " "]), "sft")
     path = os.path.join(self.dir, "out.jsonl")
-    with self.assertRaisesRegex(ValueError, r"record 1 for .*out\.jsonl: missing field"):
+    with self.assertRaisesRegex(ValueError, r"out\.jsonl: record 2: missing field"):
       sources.write_jsonl(path, [{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "sft")
     self.assertEqual(os.listdir(self.dir), ["blank.jsonl"])  # Nothing half-written.
 
@@ -318,6 +323,77 @@ class TfdsBuilderTest(parameterized.TestCase):
     tfds_builder.prepare_jsonl_dataset(self.jsonl("sft"), "sft", self.data_dir, name="ok")
     with self.assertRaisesRegex(ValueError, "Unknown split 'test'"):
       tfds_builder.load_split("ok", "test", self.data_dir)
+
+
+class MessagesNameTheThingTest(absltest.TestCase):
+  """Errors name the file (or source), 1-based record numbers, counts and the fix: one line."""
+
+  def setUp(self):
+    super().setUp()
+    self.dir = make_tempdir(self)
+
+  def assertOneLine(self, err):
+    self.assertNotIn("\n", str(err.exception))
+
+  def test_record_numbers_are_one_based(self):
+    tok = tokenizer_lib.ByteTokenizer()
+    recs = [{"prompt": "p", "completion": "ok"}, {"prompt": "p", "completion": "x" * 20}]
+    with self.assertRaisesRegex(ValueError, r"^src\.jsonl: record 2: completion is 21 tokens, "
+                                r"over the limit 8 \(data\.max_completion_len\)") as err:
+      batching.sft_arrays(recs, tok, 4, 8, truncation="error", source="src.jsonl")
+    self.assertOneLine(err)
+    with self.assertRaisesRegex(ValueError, r"^src: record 1: field 'completion'"):
+      batching.sft_arrays([{"prompt": "p"}], tok, 4, 8, source="src")
+    with self.assertRaisesRegex(ValueError, r"^src: record 1: empty prompt"):
+      batching.sft_arrays([{"prompt": "", "completion": "c"}], tok, 4, 8, source="src")
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "a"}]
+    with self.assertRaisesRegex(ValueError, r"^prefs: record 1: chosen and rejected are "
+                                "identical"):
+      batching.preference_arrays(pairs, tok, 4, 8, None, "error", "prefs")
+    with self.assertRaisesRegex(ValueError, r"^prefs: record 2: missing field 'rejected'"):
+      batching.preference_arrays([{"prompt": "p", "chosen": "a", "rejected": "b"},
+                                  {"prompt": "p", "chosen": "a"}], tok, 4, 8, source="prefs")
+
+  def test_directory_as_data_path(self):
+    with self.assertRaisesRegex(ValueError, rf"^{self.dir} is a directory; give a JSONL "
+                                "file") as err:
+      sources.read_jsonl(self.dir, "sft")
+    self.assertOneLine(err)
+    with self.assertRaisesRegex(ValueError, rf"split 'train': {self.dir} is a directory; give "
+                                "a JSONL file"):
+      tfds_builder.prepare_jsonl_dataset(self.dir, "sft", os.path.join(self.dir, "tfds"),
+                                         name="d")
+
+  def test_too_few_records_for_one_batch(self):
+    arrays = {"tokens": np.zeros((3, 5), np.int32)}
+    with self.assertRaisesRegex(
+        ValueError, r"^train\.jsonl: 3 records, fewer than one batch of 4 "
+        r"\(sft\.data\.batch_size\); give more records or a smaller batch\.$") as err:
+      batching.EpochIterator(arrays, 4, 0, source="train.jsonl",
+                             batch_key="sft.data.batch_size")
+    self.assertOneLine(err)
+    with self.assertRaisesRegex(ValueError, r"^dataset: 3 records, fewer than one batch of 4 "
+                                r"\(batch_size\)"):
+      batching.EpochIterator(arrays, 4, 0)
+    self.assertEqual(len(next(batching.EpochIterator(arrays, 3, 0))["tokens"]), 3)
+
+  def test_full_disk_names_the_file(self):
+    path = os.path.join(self.dir, "out.jsonl")
+    for code in (errno.ENOSPC, errno.EFBIG):
+      with mock.patch.object(fileio.os, "fsync", side_effect=OSError(code, os.strerror(code))):
+        with self.assertRaisesRegex(OSError, "no space left on device / file too large: "
+                                    f"{path}") as err:
+          sources.write_jsonl(path, [{"prompt": "p", "completion": "c"}], "sft")
+        self.assertEqual(err.exception.errno, code)
+        self.assertOneLine(err)
+        with self.assertRaisesRegex(OSError, "no space left on device / file too large: "
+                                    ".*settings\\.json"):
+          fileio.write_json(os.path.join(self.dir, "settings.json"), {"a": 1})
+    self.assertEqual(os.listdir(self.dir), [])  # no temporary file left behind
+    # Other OS errors pass through unchanged.
+    with mock.patch.object(fileio.os, "fsync", side_effect=PermissionError(errno.EACCES, "no")):
+      with self.assertRaises(PermissionError):
+        fileio.write_json(os.path.join(self.dir, "x.json"), {})
 
 
 if __name__ == "__main__":

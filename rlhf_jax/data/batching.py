@@ -5,7 +5,8 @@ SFT layout, one row:  [pad .. pad | prompt][completion EOS | pad .. pad]
                        <- max_prompt_len -><--- max_completion_len --->
 Prompts are left-padded so that generation (PPO) continues right after the last prompt
 token; completions are right-padded. Too-long prompts keep their end, too-long completions
-keep their start (and lose the EOS); both are counted, never silent.
+keep their start (and lose the EOS); both are counted, never silent. Errors name a record
+by its source and 1-based number ("train.jsonl: record 3"), like `sources` names file:line.
 """
 
 from __future__ import annotations
@@ -43,17 +44,18 @@ def sft_arrays(records: Sequence[dict[str, str]], tok: Tokenizer, max_prompt_len
   mask = np.zeros((n, p + c), np.int32)
   loss_mask = np.zeros((n, p + c), np.int32)
   for i, rec in enumerate(records):
+    where = f"{source}: record {i + 1}"
     for key in ("prompt", "completion"):
       if not isinstance(rec.get(key), str):
-        raise ValueError(f"{source}: record {i}: field {key!r} must be a string, got "
+        raise ValueError(f"{where}: field {key!r} must be a string, got "
                          f"{rec.get(key)!r}.")
     prompt = tok.encode_prompt(rec["prompt"])
     completion = tok.encode(rec["completion"]) + [tok.eos_id]
     if not prompt:
-      raise ValueError(f"{source}: record {i}: empty prompt.")
+      raise ValueError(f"{where}: empty prompt.")
     for name, ids, limit in (("prompt", prompt, p), ("completion", completion, c)):
       if len(ids) > limit and truncation == "error":
-        raise ValueError(f"{source}: record {i}: {name} is {len(ids)} tokens, over the limit "
+        raise ValueError(f"{where}: {name} is {len(ids)} tokens, over the limit "
                          f"{limit} (data.max_{name}_len); raise it or set "
                          "data.truncation='truncate'.")
     if len(prompt) > p:
@@ -83,13 +85,20 @@ class EpochIterator:
   """
 
   def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, source: str = "",
+               batch_key: str = "batch_size"):
+    """`source` names where the records came from (a file, `task:sort/train`) and
+    `batch_key` the config key of `batch_size` (e.g. `sft.data.batch_size`), for errors."""
     self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
     self.n = len(next(iter(arrays.values())))
+    if batch_size < 1:
+      raise ValueError(f"{batch_key} is {batch_size}; it must be >= 1.")
     if self.n < batch_size:
-      raise ValueError(f"dataset has {self.n} examples, fewer than batch_size {batch_size}.")
+      raise ValueError(f"{source or 'dataset'}: {self.n} records, fewer than one batch of "
+                       f"{batch_size} ({batch_key}); give more records or a smaller batch.")
     if batch_size % process_count:
-      raise ValueError(f"batch_size {batch_size} must divide by the {process_count} processes.")
+      raise ValueError(f"{batch_key} {batch_size} must divide by the {process_count} "
+                       "processes; choose a multiple of the process count.")
     self.local = batch_size // process_count
     self.offset = process_index * self.local
     self.position = 0
@@ -130,23 +139,24 @@ def preference_arrays(records: Sequence[dict[str, str]], tok: Tokenizer, max_pro
   counts = counts if counts is not None else PreferenceCounts()
   kept, margins = [], []
   for i, rec in enumerate(records):
-    rec = check_record(rec, "preference", f"{source}: record {i}")
+    where = f"{source}: record {i + 1}"
+    rec = check_record(rec, "preference", where)
     if len(tok.encode_prompt(rec["prompt"])) > max_prompt_len:
       if bad_pairs == "error":
-        raise ValueError(f"{source}: record {i}: prompt is over data.max_prompt_len "
+        raise ValueError(f"{where}: prompt is over data.max_prompt_len "
                          f"({max_prompt_len} tokens); raise it or set data.bad_pairs='drop' "
                          "to keep the prompt's end.")
       counts.truncated_prompts += 1
     if rec["chosen"] == rec["rejected"]:
       if bad_pairs == "error":
-        raise ValueError(f"{source}: record {i}: chosen and rejected are identical; remove the "
+        raise ValueError(f"{where}: chosen and rejected are identical; remove the "
                          "pair or set data.bad_pairs='drop'.")
       counts.identical += 1
       continue
     for key in ("chosen", "rejected"):
       if len(tok.encode(rec[key])) + 1 > max_completion_len:
         if bad_pairs == "error":
-          raise ValueError(f"{source}: record {i}: {key} is over data.max_completion_len "
+          raise ValueError(f"{where}: {key} is over data.max_completion_len "
                            f"({max_completion_len} tokens incl. EOS); raise it or set "
                            "data.bad_pairs='drop' to truncate.")
         counts.truncated += 1

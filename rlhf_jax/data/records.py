@@ -30,8 +30,8 @@ class StageData:
 def _tfds_records(d, split: str, schema: str) -> list[dict[str, str]]:
   from rlhf_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   src = tfds_builder.load_split(d.tfds_name, split, d.tfds_data_dir or None)
-  return [sources.check_record(r, schema, f"tfds:{d.tfds_name}/{split}[{i}]")
-          for i, r in enumerate(src)]
+  return [sources.check_record(r, schema, f"tfds:{d.tfds_name}/{split}: record {i}")
+          for i, r in enumerate(src, start=1)]
 
 
 def load_records(config: ml_collections.ConfigDict, section: str, schema: str, task_fn: str):

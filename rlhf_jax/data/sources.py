@@ -66,6 +66,8 @@ def check_record(record: Any, schema: str, where: str) -> dict[str, str]:
 def read_jsonl(path: str, schema: str) -> list[dict[str, str]]:
   """All records of a JSONL file, in file order, each with exactly the schema's fields."""
   schema_fields(schema)
+  if os.path.isdir(path):
+    raise ValueError(f"{path} is a directory; give a JSONL file (one JSON object a line).")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"JSONL file {path} does not exist.")
   records = []
@@ -94,13 +96,14 @@ def write_jsonl(path: str, records: Iterable[Mapping[str, Any]], schema: str | N
                 ) -> int:
   """Writes one JSON object a line; returns the number of records written.
 
-  With `schema`, every record is checked first, so a bad one leaves no file behind. The
-  file appears whole or not at all: it is written under a temporary name and renamed.
+  With `schema`, every record is checked first, so a bad one (named by its 1-based number)
+  leaves no file behind. The file appears whole or not at all: it is written under a
+  temporary name and renamed; a full disk is one OSError naming `path`.
   """
   lines = []
-  for i, record in enumerate(records):
+  for i, record in enumerate(records, start=1):
     if schema is not None:
-      check_record(record, schema, f"record {i} for {path}")
+      check_record(record, schema, f"{path}: record {i}")
     lines.append(json.dumps(record, ensure_ascii=False) + "\n")
   atomic_write(path, "".join(lines))
   return len(lines)

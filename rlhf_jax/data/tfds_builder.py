@@ -61,6 +61,9 @@ class JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._fields = sources.schema_fields(schema)
     self._split_files = dict(split_files)
     for split, path in self._split_files.items():
+      if os.path.isdir(path):
+        raise ValueError(f"dataset {name!r}, split {split!r}: {path} is a directory; give a "
+                         "JSONL file.")
       if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset {name!r}, split {split!r}: JSONL file {path} does "
                                 "not exist.")

@@ -48,6 +48,23 @@ def _gguf():
   return gguf
 
 
+def open_reader(path: str):
+  """`gguf.GGUFReader` of `path`; a file that is not GGUF (wrong magic, truncated, empty,
+  garbage) is one ValueError naming it."""
+  if os.path.isdir(path):
+    raise ValueError(f"{path} is a directory; give a .gguf file (or a Hugging Face checkpoint "
+                     "directory as the source).")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
+  gguf = _gguf()
+  try:
+    return gguf.GGUFReader(path)
+  except Exception as e:  # pylint: disable=broad-except  # gguf raises ValueError, IndexError, ...
+    reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+    raise ValueError(f"{path}: not a readable GGUF file ({reason}); give a llama.cpp .gguf "
+                     "file, downloaded again if it may be truncated.") from e
+
+
 def unpermute_rows(w_RxD: np.ndarray, num_heads: int) -> np.ndarray:
   """Inverse of llama.cpp's q/k permutation: rows of each head from interleaved-pair order
   (2i, 2i+1) back to Hugging Face's half order (i, i + H/2)."""
@@ -118,10 +135,8 @@ def read_gguf(path: str, dtype: str = "float32", param_dtype: str = "float32", *
   `unpermute=False` keeps llama.cpp's q/k row order (wrong for our rotary layout; only for
   measuring what the permutation matters).
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
+  reader = open_reader(path)
   gguf = _gguf()
-  reader = gguf.GGUFReader(path)
   tensors = {t.name: t for t in reader.tensors}
   if "rope_freqs.weight" in tensors:  # LLaMA 3.1's rope scaling, as per-frequency factors
     raise NotImplementedError(f"{path}: GGUF `rope_freqs` (LLaMA 3.1 rope scaling) is not "

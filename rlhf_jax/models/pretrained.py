@@ -27,7 +27,7 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import sharding
-from rlhf_jax.fileio import write_json
+from rlhf_jax.fileio import no_space_error, write_json
 from rlhf_jax.models import gguf_import, hf_import
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.heads import PolicyModel
@@ -86,12 +86,16 @@ def _read_gguf_cached(path: str, cache_dir: str | None):
   """(config, pure params) of a GGUF file, from `<cache_dir>/<stem>.npz` when it is current."""
   stem = os.path.join(cache_dir, os.path.splitext(os.path.basename(path))[0]) if cache_dir else ""
   if stem and os.path.isfile(stem + ".json") and os.path.isfile(stem + ".npz"):
-    with open(stem + ".json") as f:
-      meta = json.load(f)
-    if meta.get("source") == _file_id(path):
-      with np.load(stem + ".npz") as z:
-        pure = _unflatten({k: z[k] for k in z.files})
-      return TransformerConfig.from_config(meta["model_config"]), pure
+    try:
+      with open(stem + ".json") as f:
+        meta = json.load(f)
+      if meta.get("source") == _file_id(path):
+        with np.load(stem + ".npz") as z:
+          pure = _unflatten({k: z[k] for k in z.files})
+        return TransformerConfig.from_config(meta["model_config"]), pure
+    except Exception as e:  # pylint: disable=broad-except  # a damaged cache is rebuilt
+      logging.warning("the GGUF conversion cache %s.npz is unreadable (%s: %s); converting %s "
+                      "again.", stem, type(e).__name__, " ".join(str(e).split())[:200], path)
   cfg, weights = gguf_import.read_gguf(path)
   pure = hf_import.hf_weights_to_pure(cfg, weights, path)
   if stem:
@@ -100,6 +104,11 @@ def _read_gguf_cached(path: str, cache_dir: str | None):
     try:  # written beside and renamed: never a half-written cache
       np.savez(tmp, **dict(_flatten(pure)))
       os.replace(tmp, stem + ".npz")
+    except OSError as e:
+      err = no_space_error(e, stem + ".npz")
+      if err is e:
+        raise
+      raise err from e
     finally:
       if os.path.exists(tmp):
         os.remove(tmp)

@@ -3,7 +3,7 @@
 One iteration (`Iteration.__call__`):
   1. rollout     sample responses to a batch of prompts with the policy (KV cache, one
                  program); decode them
-  2. score       the normalised RM score of prompt + response, or a programmatic reward
+  2. score       the normalised RM score of prompt + response ids, or a programmatic reward
                  (a bundled task's gold reward) computed on the host from the texts
   3. experience  no gradients: log-probs of policy and frozen reference (logits /
                  temperature), critic values; per-token reward -beta * KL_t plus the score at
@@ -48,7 +48,7 @@ def init_actor_critic(config, policy_cfg, policy_params, reward, mesh):
   init = {"policy": nnx.to_pure_dict(copy(policy_params))}
   if p.critic == "reward":  # TRL's default: the critic is the RM, re-headed
     init["critic"] = {"trunk": nnx.to_pure_dict(copy(reward.params["trunk"])),
-                      "value_head": nnx.to_pure_dict(copy(reward.params["reward_head"]))}
+                      "value_head": calibrated_value_head(reward)}
   elif p.critic == "sft":  # SFT trunk, zero value head
     init["critic"] = {"trunk": nnx.to_pure_dict(copy(policy_params["trunk"]))}
   # "shared": a zero value head on the policy trunk, nothing to copy.
@@ -66,6 +66,16 @@ def init_actor_critic(config, policy_cfg, policy_params, reward, mesh):
   tx = optim.make_optimizer(p.optim)
   state, shardings = state_lib.create_train_state(ac_params, tx, mesh)
   return ac_graphdef, state, shardings, tx
+
+
+def calibrated_value_head(reward: artifacts.RewardFunction) -> dict:
+  """The RM's head with its normalisation folded in (w = gain * w_rm, b = gain * b_rm + bias,
+  as a pure dict): on the RM's trunk it predicts at a sequence's last token exactly the score
+  PPO trains on, `reward.score = gain * raw + bias`, not the raw score."""
+  head = nnx.to_pure_dict(reward.params["reward_head"])
+  fold = jax.jit(lambda h, gain, bias: {"w_Dx1": gain * h["w_Dx1"],
+                                        "b_1": gain * h["b_1"] + bias})
+  return fold(head, jnp.float32(reward.gain), jnp.float32(reward.bias))
 
 
 @dataclasses.dataclass
@@ -247,7 +257,7 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
       p.train, num_steps=p.num_iterations))
   state, last = runner.run(step, state, batches, carry=carry, log_keys=LOG_KEYS)
   compiled = iterate.programs.compiled()  # before the summary samples with the same sampler
-  summary = _summary(config, policy, reward, state, iterate.programs.sampler, prompts, mesh)
+  summary = _summary(config, policy, reward, state, iterate.programs, prompts, mesh)
   summary["final/kl"] = last.get("objective/kl", float("nan"))
   for key in ("eval_accuracy", "eval_gold_agreement"):
     if key in (rm_metrics or {}):
@@ -255,28 +265,30 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
   runner.writer.write(p.num_iterations, summary)
   runner.close()
   out_dir = artifacts.stage_dir(workdir, "ppo")
-  if out_dir and jax.process_index() == 0:
-    write_json(f"{out_dir}/{artifacts.SUMMARY}", summary)
+  final = {**last, **summary}
+  if out_dir and jax.process_index() == 0:  # the final metrics a rerun reports
+    write_json(f"{out_dir}/{artifacts.SUMMARY}", final)
   for k, v in sorted(summary.items()):
     logging.info("[ppo] summary %s = %.4f", k, v)
-  return Result({**last, **summary}, state, compiled, iterate.programs)
+  return Result(final, state, compiled, iterate.programs)
 
 
-def _summary(config, policy, reward, state, sampler, prompts, mesh) -> dict[str, float]:
-  """Gold reward and RM score of the SFT vs the PPO policy on the same held-out prompts."""
+def _summary(config, policy, reward, state, programs: Programs, prompts, mesh
+             ) -> dict[str, float]:
+  """Gold reward and RM score of the SFT vs the PPO policy on the same held-out prompts. The
+  RM scores the sampled ids as in training (`programs.score` on prompt + response), the gold
+  reward the decoded texts."""
   d, bs = config.data, config.ppo.data.batch_size
-  score_fn = None if reward is None else jax.jit(
-      lambda p, t, m: artifacts.eval_model(reward.graphdef, p)(t, m))
   out = {}
   for name, params in (("sft", policy.params), ("ppo", state.params["policy"])):
-    texts = sampling.sample_texts(sampler, params, policy.tokenizer, prompts.eval, mesh,
-                                  d.max_prompt_len, bs, jax.random.PRNGKey(config.seed + 7))
+    samples = sampling.sample_prompts(programs.sampler, params, policy.tokenizer, prompts.eval,
+                                      mesh, d.max_prompt_len, bs,
+                                      jax.random.PRNGKey(config.seed + 7))
     if reward is not None:
-      raw = artifacts.raw_scores(reward.graphdef, reward.params, policy.tokenizer, prompts.eval,
-                                 texts, d.max_prompt_len, d.max_completion_len, bs, mesh,
-                                 score_fn)
-      out[f"final/{name}_rm_score"] = float(np.mean(reward.gain * raw + reward.bias))
+      scores = artifacts.sequence_scores(programs.score, reward.params, samples.seq,
+                                         samples.seq_mask, bs, mesh)
+      out[f"final/{name}_rm_score"] = float(np.mean(scores, dtype=np.float64))
     if prompts.task is not None:
       out[f"final/{name}_gold_reward"] = float(np.mean(
-          [prompts.task.gold_reward(q, a) for q, a in zip(prompts.eval, texts)]))
+          [prompts.task.gold_reward(q, a) for q, a in zip(prompts.eval, samples.texts)]))
   return out

@@ -6,7 +6,7 @@ The score r is the reward head read at the last non-pad token of prompt + respon
 trunk adds its auxiliary losses (`models/moe.py`) to the loss.
 After training, a gain and bias are fitted so that scores of SFT-policy samples have mean 0
 and std 1 (as in lm-human-preferences); they are stored in `<workdir>/rm/normalization.json`
-and applied by `artifacts.RewardFunction.score` whenever the RM scores text for PPO.
+and applied by `artifacts.RewardFunction.score` whenever the RM scores samples for PPO.
 `run` is the stage: given the SFT policy and preference pairs, it returns the normalised RM.
 Reads `config.rm` and the shared sections.
 """
@@ -79,7 +79,8 @@ def run(config: ml_collections.ConfigDict, policy: artifacts.Policy, prefs, task
   if task is not None:
     gold = [(task.gold_reward(x["prompt"], x["chosen"]), task.gold_reward(x["prompt"], x["rejected"]))
             for x in prefs.eval if x["chosen"] != x["rejected"]]
-  evaluate = _make_evaluator(graphdef, arrays["eval"], gold, r.data.batch_size, mesh)
+  evaluate = _make_evaluator(graphdef, arrays["eval"], gold, r.data.batch_size, mesh,
+                             prefs.sources["eval"], counts["eval"])
   batches = batching.EpochIterator(arrays["train"], r.data.batch_size, config.seed,
                                    *sharding.process_block(mesh))
   runner = runner_lib.StageRunner("rm", workdir, runner_lib.LoopConfig.from_section(r.train))
@@ -114,7 +115,8 @@ def _arrays(config, prefs, tok):
 
 def _normalize(config, policy, graphdef, params, train_recs, mesh) -> dict[str, float]:
   """Gain and bias that give scores of fresh SFT samples (for the training prompts) mean 0
-  and std 1, with the raw statistics they came from."""
+  and std 1, with the raw statistics they came from. The samples are scored as ids in PPO's
+  rollout layout, so the normalisation holds for exactly what PPO scores."""
   d, n = config.data, config.rm.normalize.num_samples
   prompts = [x["prompt"] for x in train_recs][:n]
   prompts = (prompts * (n // max(len(prompts), 1) + 1))[:n]
@@ -122,10 +124,11 @@ def _normalize(config, policy, graphdef, params, train_recs, mesh) -> dict[str, 
   sampler = sampling.make_sampler(policy.graphdef,
                                   sampling.from_config(config.sampling, d.max_completion_len),
                                   tok.eos_id, tok.pad_id)
-  texts = sampling.sample_texts(sampler, policy.params, tok, prompts, mesh, d.max_prompt_len,
-                                bs, jax.random.PRNGKey(config.seed + 2))
-  raw = artifacts.raw_scores(graphdef, params, tok, prompts, texts, d.max_prompt_len,
-                             d.max_completion_len, bs, mesh)
+  samples = sampling.sample_prompts(sampler, policy.params, tok, prompts, mesh,
+                                    d.max_prompt_len, bs, jax.random.PRNGKey(config.seed + 2))
+  # The sampled ids as PPO scores them (prompt + response, no decode / re-encode).
+  raw = artifacts.sequence_scores(artifacts.raw_score_fn(graphdef), params, samples.seq,
+                                  samples.seq_mask, bs, mesh)
   gain, bias = normalization(raw)
   logging.info("[rm] normalisation on %d SFT samples: raw mean %.3f std %.3f -> gain %.3f "
                "bias %.3f", len(raw), raw.mean(), raw.std(), gain, bias)
@@ -143,12 +146,15 @@ def normalization(raw_scores: np.ndarray) -> tuple[float, float]:
   return float(1.0 / std), float(-raw_scores.mean() / std)
 
 
-def _make_evaluator(graphdef, eval_arrays, gold, bs, mesh):
-  """Held-out accuracy against the labels and, on bundled tasks, against the gold order."""
+def _make_evaluator(graphdef, eval_arrays, gold, bs, mesh, source: str = "eval pairs",
+                    counts: batching.PreferenceCounts | None = None):
+  """Held-out accuracy against the labels and, on bundled tasks, against the gold order.
+  `source` and `counts`: where the held-out pairs came from and what `preference_arrays`
+  dropped of them, for the error when none are left."""
   scores = jax.jit(lambda p, b: pair_scores(artifacts.eval_model(graphdef, p), b))
   n = len(eval_arrays["margin"])
   if n == 0:
-    raise ValueError("no held-out preference pairs left after dropping bad pairs.")
+    raise ValueError(_no_eval_pairs_message(source, counts or batching.PreferenceCounts()))
 
   def evaluate(state):
     outs = sharding.for_each_batch(lambda _, b: scores(state.params, b), eval_arrays, bs, mesh)
@@ -163,3 +169,13 @@ def _make_evaluator(graphdef, eval_arrays, gold, bs, mesh):
     return metrics
 
   return evaluate
+
+
+def _no_eval_pairs_message(source: str, counts: batching.PreferenceCounts) -> str:
+  """One line: which file gave no held-out pairs, and why (what was dropped)."""
+  read = counts.kept + counts.identical
+  why = ("it holds no pairs" if read == 0 else
+         f"{counts.identical} of {read} pairs dropped as identical (chosen == rejected), "
+         f"{counts.truncated} truncated, none kept")
+  return (f"rm: no held-out preference pairs left after dropping bad pairs from {source}: {why}; "
+          "the RM's evaluation needs held-out pairs whose chosen and rejected differ.")
