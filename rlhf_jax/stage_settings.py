@@ -51,6 +51,7 @@ def settings(config, stage: str) -> dict[str, Any]:
                  else config[key], out)
     section = config[name].to_dict()
     section.pop("train", None)
+    section.pop("num_iterations", None)  # PPO's num_steps: raising it continues the run
     _flatten(name, section, out)
     train = {k: v for k, v in config[name].train.to_dict().items() if k not in _WATCHING}
     _flatten(f"{name}.train", train, out)
