@@ -98,7 +98,7 @@ def finished(out_dir: str | None, num_steps: int | None = None) -> bool:
   if num_steps is None:
     return True
   ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), save_every=0)
-  done = ckpt.latest_step() == num_steps
+  done = ckpt.latest_good_step() == num_steps
   ckpt.close()
   return done
 
@@ -126,7 +126,11 @@ def load_network(out_dir: str, model_cls, mesh, extra_files=(), hint: str = ""):
                           abstract, sharding.param_shardings(abstract, mesh))
   ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), save_every=0)
   params = ckpt.restore_params(abstract)
+  restored, latest = ckpt.restored_step, ckpt.latest_step()
   ckpt.close()
+  if restored != latest:  # the final parameters are damaged: do not hand on earlier ones
+    raise ValueError(f"{out_dir}/checkpoints: the final checkpoint (step {latest}) is damaged "
+                     f"(step {restored} restored instead); rerun that stage to rewrite it.")
   return graphdef, params, model_cfg, tok
 
 

@@ -12,12 +12,18 @@ import uuid
 NO_SPACE = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
+def no_space(path: str, code: int = errno.ENOSPC, fix: str = "free space there or write "
+             "elsewhere (--workdir)") -> OSError:
+  """The one-line OSError of a full disk / quota / file-size limit while writing `path`;
+  `str()` is the message alone, `.errno` the cause."""
+  err = OSError(f"no space left on device / file too large: {path}; {fix}.")
+  err.errno = code
+  return err
+
+
 def no_space_error(e: OSError, path: str) -> OSError:
-  """A one-line OSError naming `path` for a full disk / quota / file-size limit, else `e`."""
-  if e.errno in NO_SPACE:
-    return OSError(e.errno, f"no space left on device / file too large: {path}; free space "
-                   "there or write elsewhere (--workdir).")
-  return e
+  """`no_space(path)` for a full disk / quota / file-size limit, else `e` itself."""
+  return no_space(path, e.errno) if e.errno in NO_SPACE else e
 
 
 def atomic_write(path: str, data: str | bytes) -> None:

@@ -183,7 +183,7 @@ class RmUnitTest(parameterized.TestCase):
     self.assertEqual(arr["margin"].shape, (2,))
     self.assertEqual(tok.decode(arr["chosen_tokens"][1, 12:]), " 4 5")
     self.assertEqual(tok.decode(arr["rejected_tokens"][1, 12:]), " 5")
-    with self.assertRaisesRegex(ValueError, "mysrc: record 1: chosen and rejected are identical"):
+    with self.assertRaisesRegex(ValueError, "mysrc: record 2: chosen and rejected are identical"):
       batching.preference_arrays(recs, tok, 12, 8, None, "error", "mysrc")
     with self.assertRaisesRegex(ValueError, "bad_pairs is 'skip'"):
       batching.preference_arrays(recs, tok, 12, 8, None, "skip", "mysrc")
@@ -199,7 +199,7 @@ class RmUnitTest(parameterized.TestCase):
     self.assertNotIn(tok.eos_id, arr["rejected_tokens"][1])  # kept, truncated, no EOS
     self.assertEqual(int(arr["rejected_mask"][1].sum()), 1 + c)
     batching.preference_arrays([fits], tok, 4, c, None, "error", "mysrc")  # no error
-    with self.assertRaisesRegex(ValueError, r"mysrc: record 1: rejected is over "
+    with self.assertRaisesRegex(ValueError, r"mysrc: record 2: rejected is over "
                                 r"data.max_completion_len \(8 tokens incl. EOS\)"):
       batching.preference_arrays([fits, too_long], tok, 4, c, None, "error", "mysrc")
 

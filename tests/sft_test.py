@@ -47,7 +47,7 @@ class SftTest(absltest.TestCase):
     self.assertNotIn(tok.eos_id, arr["tokens"][1])  # truncated completion loses EOS
     self.assertEqual((counts.prompts, counts.completions), (1, 1))
     self.assertNotEqual(tok.pad_id, tok.eos_id)
-    with self.assertRaisesRegex(ValueError, "record 0: field 'completion'"):
+    with self.assertRaisesRegex(ValueError, "record 1: field 'completion'"):
       batching.sft_arrays([{"prompt": "a"}], tok, 4, 4)
 
   def test_tokenizer_round_trip(self):
@@ -189,7 +189,7 @@ class SftTest(absltest.TestCase):
     cfg = self._config(num_steps=5, log_every=1)
     cfg.sft.optim.learning_rate = 1e30
     cfg.sft.optim.grad_clip = 0.0
-    with self.assertRaisesRegex(FloatingPointError, r"step \d+: loss is nan"):
+    with self.assertRaisesRegex(FloatingPointError, r"step \d+: (loss|grad_norm) is nan"):
       pipeline.run(cfg, None)
 
   def test_bad_inputs_name_the_problem(self):
@@ -207,7 +207,7 @@ class SftTest(absltest.TestCase):
         pipeline.run(cfg, wd)
     cfg = self._config()
     cfg.data.update(truncation="error", max_completion_len=4)
-    with self.assertRaisesRegex(ValueError, r"task:sort/train: record 0: completion is \d+ "
+    with self.assertRaisesRegex(ValueError, r"task:sort/train: record 1: completion is \d+ "
                                 r"tokens, over the limit 4 \(data.max_completion_len\)"):
       pipeline.run(cfg, None)
     with self.assertRaisesRegex(ValueError, "did you mean 'learning_rate'"):

@@ -1,10 +1,12 @@
 """Optimizer schedules against their closed forms; config key errors; the metrics writer."""
 
+import errno
 import json
 import math
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest, parameterized
 import numpy as np
@@ -190,10 +192,23 @@ class DamagedCheckpointTest(parameterized.TestCase):
     self.assertEqual((int(state.step), meta["step"], ckpt.restored_step), (2, 2, 2))
     np.testing.assert_allclose(state.params["b"], np.ones(3) + 2)
     self.assertEqual(ckpt.latest_good_step(), 2)
-    # The resumed run saves step 3 again in place of the damaged folder.
-    self.assertTrue(ckpt.maybe_save(3, self._state(3), {"step": 3, "data_position": 3}))
+    # The resumed run moves the damaged folder aside and saves step 3 again.
+    with self.assertLogs("absl", level="WARNING") as logs:
+      self.assertTrue(ckpt.maybe_save(3, self._state(3), {"step": 3, "data_position": 3}))
+    self.assertIn(f"aside to {self.dir}/3.damaged", logs.output[0])
+    self.assertTrue(os.path.isdir(os.path.join(self.dir, "3.damaged")))
     state, meta = ckpt.restore(self.state)
     self.assertEqual((int(state.step), meta["step"]), (3, 3))
+    ckpt.close()
+
+  def test_missing_metadata_files_still_restore(self):
+    # Orbax needs neither file when the caller gives the tree's shapes: nothing is lost.
+    os.remove(os.path.join(self.dir, "3", "_CHECKPOINT_METADATA"))
+    os.remove(os.path.join(self.dir, "3", "params", "_METADATA"))
+    ckpt = checkpoint.Checkpointer(self.dir, save_every=0)
+    state, meta = ckpt.restore(self.state)
+    self.assertEqual((int(state.step), meta["step"]), (3, 3))
+    np.testing.assert_allclose(state.params["b"], np.ones(3) + 3)
     ckpt.close()
 
   def test_restore_params_falls_back(self):
@@ -234,6 +249,21 @@ class DamagedCheckpointTest(parameterized.TestCase):
       ckpt.restore(self.state, step=3)
     with self.assertRaisesRegex(FileNotFoundError, rf"^{self.dir}/7: no checkpoint of step 7"):
       ckpt.restore(self.state, step=7)
+    ckpt.close()
+
+  def test_full_disk_names_the_step_folder(self):
+    ckpt = checkpoint.Checkpointer(self.dir, save_every=1, keep=5)
+    # tensorstore reports a full disk as text in a ValueError.
+    with mock.patch.object(ckpt._mngr, "save", side_effect=ValueError(
+        "RESOURCE_EXHAUSTED: Error writing local file: No space left on device")):
+      with self.assertRaisesRegex(OSError, "^no space left on device / file too large: "
+                                  rf"{self.dir}/4; free space") as err:
+        ckpt.maybe_save(4, self._state(4), {"step": 4})
+    self.assertNotIn("\n", str(err.exception))
+    self.assertEqual(err.exception.errno, errno.ENOSPC)
+    with mock.patch.object(ckpt._mngr, "save", side_effect=ValueError("other")):
+      with self.assertRaisesRegex(ValueError, "^other$"):
+        ckpt.maybe_save(4, self._state(4), {"step": 4})
     ckpt.close()
 
   def test_no_checkpoint(self):

@@ -144,7 +144,8 @@ def gguf_tokenizer_files(path: str) -> tuple[str, dict[str, Any]]:
   import gguf  # pylint: disable=g-import-not-at-top
   from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top,g-multiple-import
 
-  reader = gguf.GGUFReader(path)
+  from rlhf_jax.models import gguf_import  # pylint: disable=g-import-not-at-top
+  reader = gguf_import.open_reader(path)
 
   def field(key, default=None):
     f = reader.fields.get(key)

@@ -64,6 +64,8 @@ class Prompts:
   train: list[str]
   eval: list[str]
   task: Any  # the bundled task (gold reward), or None for prompt files
+  # split -> where it came from (named in errors, e.g. too few prompts for one batch)
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def load_prompts(config: ml_collections.ConfigDict, section: str = "ppo") -> Prompts:
@@ -73,11 +75,13 @@ def load_prompts(config: ml_collections.ConfigDict, section: str = "ppo") -> Pro
   if d.prompts_path:
     train = [r["prompt"] for r in sources.read_jsonl(d.prompts_path, "prompt")]
     evals = [r["prompt"] for r in sources.read_jsonl(d.eval_prompts_path, "prompt")]
-    return Prompts(train[:d.num_train_prompts], evals[:d.num_eval_prompts], None)
+    return Prompts(train[:d.num_train_prompts], evals[:d.num_eval_prompts], None,
+                   {"train": d.prompts_path, "eval": d.eval_prompts_path})
   task = tasks.get_task(config.data.task)
   return Prompts([r["prompt"] for r in task.prompts(d.num_train_prompts, config.seed, "train")],
                  [r["prompt"] for r in task.prompts(d.num_eval_prompts, config.seed, "eval")],
-                 task)
+                 task, {"train": f"task:{config.data.task}/train prompts",
+                        "eval": f"task:{config.data.task}/eval prompts"})
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str | None, corpus):

@@ -61,6 +61,7 @@ def open_reader(path: str):
     return gguf.GGUFReader(path)
   except Exception as e:  # pylint: disable=broad-except  # gguf raises ValueError, IndexError, ...
     reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+    reason += f"; the file has {os.path.getsize(path)} bytes"
     raise ValueError(f"{path}: not a readable GGUF file ({reason}); give a llama.cpp .gguf "
                      "file, downloaded again if it may be truncated.") from e
 

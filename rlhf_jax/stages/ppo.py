@@ -242,7 +242,9 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
   arrays = batching.prompt_arrays(train_prompts, tok, config.data.max_prompt_len)
   arrays["index"] = np.arange(len(train_prompts))
   batches = batching.EpochIterator(arrays, p.data.batch_size, config.seed,
-                                   *sharding.process_block(mesh))
+                                   *sharding.process_block(mesh),
+                                   source=prompts.sources.get("train", "prompts"),
+                                   batch_key="ppo.data.batch_size")
   carry = {"kl_coef": float(p.kl_coef)}
 
   def step(it, state, prompt_batch):

@@ -82,7 +82,9 @@ def run(config: ml_collections.ConfigDict, policy: artifacts.Policy, prefs, task
   evaluate = _make_evaluator(graphdef, arrays["eval"], gold, r.data.batch_size, mesh,
                              prefs.sources["eval"], counts["eval"])
   batches = batching.EpochIterator(arrays["train"], r.data.batch_size, config.seed,
-                                   *sharding.process_block(mesh))
+                                   *sharding.process_block(mesh),
+                                   source=f"{prefs.sources['train']} (pairs kept)",
+                                   batch_key="rm.data.batch_size")
   runner = runner_lib.StageRunner("rm", workdir, runner_lib.LoopConfig.from_section(r.train))
   state, metrics = runner.run(lambda i, st, b: step(st, b), state, batches,
                               shard=lambda b: sharding.shard_batch(b, mesh), eval_fn=evaluate)

@@ -85,7 +85,8 @@ def run(config: ml_collections.ConfigDict, data: records_lib.StageData, mesh,
                                    s.optim.grad_accum_steps)
   evaluate = make_evaluator(graphdef, config, data, arrays["eval"], mesh)
   batches = batching.EpochIterator(arrays["train"], s.data.batch_size, config.seed,
-                                   *sharding.process_block(mesh))
+                                   *sharding.process_block(mesh), source=data.sources["train"],
+                                   batch_key="sft.data.batch_size")
   runner = runner_lib.StageRunner("sft", workdir, runner_lib.LoopConfig.from_section(s.train))
   seq_len = config.data.max_prompt_len + config.data.max_completion_len
   state, metrics = runner.run(lambda i, st, b: step(st, b), state, batches,

@@ -10,12 +10,12 @@ A step folder can still be damaged afterwards (a truncated copy, a full disk whi
 it elsewhere, flipped bytes, an emptied folder). Restoring the latest checkpoint then falls
 back, with a warning naming the folder and the error, to the previous steps, newest first;
 when none restores it is one error naming the directory. A damaged step found that way is
-deleted before the run saves that step again (orbax saves no step at or below its latest).
+moved aside (`<step>.damaged`) before the run saves that step again (orbax saves no step at
+or below its latest).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 from typing import Any
@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from rlhf_jax.fileio import NO_SPACE
+from rlhf_jax.fileio import NO_SPACE, no_space
 
 
 ITEMS = ("params", "train", "meta")  # the items of a step folder written by `maybe_save`
@@ -80,9 +80,8 @@ class Checkpointer:
       self._mngr.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore wrap OSErrors
       if _is_no_space(e):
-        raise OSError(errno.ENOSPC, f"no space left on device / file too large: "
-                      f"{self._step_dir(step)}; free space there or use another --workdir."
-                      ) from e
+        raise no_space(self._step_dir(step), fix="free space there or use another "
+                       "--workdir") from e
       raise
     logging.info("saved checkpoint %s/%d", self.directory, step)
     return True
@@ -156,13 +155,28 @@ class Checkpointer:
     return self._mngr.restore(step, args=args)
 
   def _drop_damaged(self, step: int):
-    """Deletes the step folders at or after `step` that a restore here found damaged, so
-    that the resumed run can save those steps again."""
-    for s in sorted(self._mngr.all_steps()):
-      if s >= step and s in self._damaged:
-        logging.warning("deleting the damaged checkpoint %s (%s) to save step %d again.",
-                        self._step_dir(s), self._damaged.pop(s), step)
-        self._mngr.delete(s)
+    """Moves the step folders at or after `step` that a restore here found damaged aside
+    (to `<step>.damaged`, which orbax does not list), so that the resumed run can save those
+    steps again; nothing is deleted on the strength of one failed read."""
+    damaged = [s for s in sorted(self._mngr.all_steps()) if s >= step and s in self._damaged]
+    if not damaged:
+      return
+    if jax.process_index() == 0:
+      for s in damaged:
+        aside = f"{self._step_dir(s)}.damaged"
+        n = 1
+        while os.path.exists(aside):
+          n += 1
+          aside = f"{self._step_dir(s)}.damaged-{n}"
+        os.rename(self._step_dir(s), aside)
+        logging.warning("moved the damaged checkpoint %s (%s) aside to %s, to save step %d "
+                        "again; delete it when done.", self._step_dir(s), self._damaged[s],
+                        aside, s)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"rlhf_jax_checkpoint_aside_{step}")
+    for s in damaged:
+      del self._damaged[s]
+    self._mngr.reload()
 
   def close(self):
     self._mngr.close()
