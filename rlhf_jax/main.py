@@ -76,7 +76,7 @@ def main(argv):
 
 def _run(config, workdir: str) -> None:
   # Imported here so that --help comes back fast.
-  from rlhf_jax import config as config_lib, distributed, memory, validate  # pylint: disable=g-import-not-at-top
+  from rlhf_jax import config as config_lib, distributed, fileio, memory, validate  # pylint: disable=g-import-not-at-top
   validate.check(config)  # before anything touches a device or the workdir
   # Before anything touches a device: every process must see the global device list.
   info = distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
@@ -99,8 +99,8 @@ def _run(config, workdir: str) -> None:
   result = pipeline.run(config, workdir)
   if distributed.is_main_process():
     # The config of the last successful run (a failed rerun leaves the previous one).
-    with open(os.path.join(workdir, f"config_{config.stage}.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    fileio.atomic_write(os.path.join(workdir, f"config_{config.stage}.json"),
+                        config.to_json_best_effort(indent=2))
     final = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
              for k, v in result.metrics.items()}
     print(json.dumps({"stage": config.stage, "workdir": workdir, **final}, allow_nan=False))

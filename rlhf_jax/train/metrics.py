@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from rlhf_jax import fileio
+
 
 class MetricsWriter:
   """JSONL + TensorBoard; no-op without a workdir. Only process 0 writes."""
@@ -34,8 +36,14 @@ class MetricsWriter:
     # Strict JSON: a non-finite value (e.g. the KL of a run with no iteration) is null.
     row.update({k: float(v) if math.isfinite(float(v)) else None for k, v in metrics.items()})
     # One write call per line: a crash cannot leave half a line behind a complete one.
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row, allow_nan=False) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row, allow_nan=False) + "\n")
+    except OSError as e:
+      err = fileio.no_space_error(e, self.path)
+      if err is e:
+        raise
+      raise err from e
     for k, v in metrics.items():
       self._tb.add_scalar(f"{self.stage}/{k}", float(v), int(step))
     self._tb.flush()
