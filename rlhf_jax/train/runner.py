@@ -92,7 +92,8 @@ class StageRunner:
           carry: dict[str, Any] | None = None, eval_fn: Callable | None = None,
           tokens_per_batch: int = 0, log_keys: Sequence[str] | None = None):
     """Resumes, runs to `num_steps`; returns (state, last logged metrics). A resumed
-    finished run runs no step and reports `eval_fn`'s metrics."""
+    finished run runs no step and reports the metrics saved with its last checkpoint,
+    updated by `eval_fn`'s."""
     carry = {} if carry is None else carry
     loop = self.loop
     state, start = self.resume(state, batches, carry)
