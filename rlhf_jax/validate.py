@@ -16,6 +16,7 @@ from rlhf_jax.models import TransformerConfig
 from rlhf_jax.rl import advantages, core, losses
 
 SCHEDULES = ("cosine", "linear", "constant")
+PPO_ESTIMATORS = ("gae",)  # what the PPO stage's one-sample-per-prompt rollout supports
 
 
 def _choice(key: str, value, choices) -> None:
@@ -130,6 +131,10 @@ def _check_ppo(config) -> None:
   _choice("ppo.critic", p.critic, ("reward", "sft", "shared"))
   core.KL_ESTIMATORS.check(p.kl_estimator)
   advantages.ADVANTAGE_ESTIMATORS.check(p.advantage_estimator)
+  if p.advantage_estimator not in PPO_ESTIMATORS:
+    raise ValueError(f"ppo.advantage_estimator is {p.advantage_estimator!r}: it is registered "
+                     "for critic-free training on groups of samples per prompt, which the PPO "
+                     f"stage does not sample; choose one of {PPO_ESTIMATORS}.")
   losses.POLICY_LOSSES.check(p.policy_loss)
   losses.VALUE_LOSSES.check(p.value_loss)
   if p.reward == "gold" and (p.data.prompts_path or config.rm_checkpoint):

@@ -60,8 +60,11 @@ class ValidationTest(parameterized.TestCase):
       ("critic", {"ppo.critic": "value"}, r"ppo.critic is 'value'; choose one of"),
       ("reward", {"ppo.reward": "vader"}, r"ppo.reward is 'vader'; choose one of \('model'"),
       ("gold_needs_critic", {"ppo.reward": "gold"}, "ppo.critic=sft or shared"),
-      ("kl", {"ppo.kl_estimator": "k2"}, r"ppo.kl_estimator is 'k2'; choose one of \('k1', 'k3'\)"),
+      ("kl", {"ppo.kl_estimator": "k4"}, r"ppo.kl_estimator is 'k4'; choose one of \('k1', 'k2', "
+       r"'k3'\)"),
       ("advantage", {"ppo.advantage_estimator": "td"}, r"ppo.advantage_estimator is 'td'"),
+      ("advantage_group", {"ppo.advantage_estimator": "grpo"}, r"ppo.advantage_estimator is "
+       r"'grpo': it is registered for critic-free training"),
       ("policy_loss", {"ppo.policy_loss": "x"}, r"ppo.policy_loss is 'x'"),
       ("minibatches", {"ppo.num_minibatches": 3}, "must divide by ppo.num_minibatches 3"),
       ("accum", {"ppo.optim.grad_accum_steps": 3}, "ppo.optim.grad_accum_steps=3"),

@@ -149,8 +149,8 @@ class KlTest(parameterized.TestCase):
 
   def test_unknown_kind_raises(self):
     x = jnp.zeros((1, 3))
-    with self.assertRaisesRegex(ValueError, "k2"):
-      core.kl_per_token(x, x, "k2")
+    with self.assertRaisesRegex(ValueError, "kl_estimator is 'k4'"):
+      core.kl_per_token(x, x, "k4")
 
   @parameterized.parameters("k1", "k3")
   def test_monte_carlo(self, kind):
@@ -455,9 +455,9 @@ class RegistryTest(absltest.TestCase):
                                     np.asarray(core.kl_per_token(logp, old, kind)))
 
   def test_unknown_name_lists_the_choices(self):
-    with self.assertRaisesRegex(ValueError, r"^ppo.advantage_estimator is 'grpo'; choose one of "
-                                r"\('gae',\)\.$"):
-      advantages.ADVANTAGE_ESTIMATORS.get("grpo")
+    with self.assertRaisesRegex(ValueError, r"^ppo.advantage_estimator is 'td'; choose one of "
+                                r"\('gae', 'grpo', 'reinforce_pp', 'rloo'\)\.$"):
+      advantages.ADVANTAGE_ESTIMATORS.get("td")
     with self.assertRaisesRegex(ValueError, "registered twice"):
       losses.POLICY_LOSSES.register("clipped")(lambda *a: None)
 
@@ -469,6 +469,171 @@ class RegistryTest(absltest.TestCase):
     self.assertEqual((hp.gamma, hp.clip_ratio, hp.kl_estimator, hp.temperature),
                      (0.99, 0.3, "k3", 0.7))
     hash(hp)  # static: jitted functions close over it
+
+
+def _np_sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def _batch(seed=0, groups=3, g=4, n=6):
+  """Scores, per-token rewards and a mask with padded rows and one all-masked row."""
+  rng = np.random.default_rng(seed)
+  b = groups * g
+  lengths = rng.integers(1, n + 1, b)
+  lengths[1] = 0  # an all-masked row (an empty response)
+  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+  scores = rng.normal(size=b).astype(np.float32)
+  scores[g:2 * g] = 0.5  # a group whose rewards are all equal
+  rewards = (rng.normal(scale=0.1, size=(b, n)) * mask).astype(np.float32)
+  return scores, rewards, mask
+
+
+class CriticFreeAdvantageTest(parameterized.TestCase):
+  """GRPO, RLOO and REINFORCE++ against python loops written from the papers' formulas."""
+
+  def _episodes(self, scores, rewards, mask):
+    return advantages.Episodes(jnp.asarray(rewards), jnp.zeros_like(jnp.asarray(rewards)),
+                               jnp.asarray(mask), jnp.asarray(scores))
+
+  @parameterized.parameters((4, True), (4, False), (1, True), (2, True))
+  def test_grpo(self, g, scale):
+    scores, rewards, mask = _batch(groups=12 // g if g > 1 else 12, g=g)
+    hp = core.RLParams(group_size=g, scale_rewards=scale)
+    adv, ret = advantages.ADVANTAGE_ESTIMATORS.get("grpo")(
+        self._episodes(scores, rewards, mask), hp)
+    want = np.zeros_like(mask, np.float64)
+    for start in range(0, len(scores), g):
+      r = scores[start:start + g].astype(np.float64)
+      for i in range(g):
+        a = r[i] - r.mean()
+        if scale:
+          std = np.std(r, ddof=1) if g > 1 else 0.0  # Shao et al.; torch.std is unbiased
+          a = a / (std + advantages.GROUP_EPS)
+        want[start + i] = a * mask[start + i]
+    np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ret), np.asarray(adv))
+    if g == 4:  # the tied group contributes nothing, and is counted
+      np.testing.assert_array_equal(np.asarray(adv)[4:8], 0.0)
+      zero = np.asarray(advantages.group_std_is_zero(jnp.asarray(scores), g))
+      np.testing.assert_array_equal(zero, [False, True, False])
+    self.assertGreater(np.abs(want).max(), 0.1 if g > 1 else -1)  # not vacuous (G > 1)
+
+  @parameterized.parameters(1, 3, 4)
+  def test_rloo(self, k):
+    scores, rewards, mask = _batch(seed=1, groups=12 // k, g=k)
+    hp = core.RLParams(group_size=k)
+    adv, _ = advantages.ADVANTAGE_ESTIMATORS.get("rloo")(self._episodes(scores, rewards, mask),
+                                                          hp)
+    seq = (rewards.astype(np.float64) * mask).sum(axis=1)  # KL folded into the reward
+    want = np.zeros_like(mask, np.float64)
+    for start in range(0, len(seq), k):
+      for i in range(k):
+        others = [seq[start + j] for j in range(k) if j != i]
+        a = seq[start + i] - np.mean(others) if others else 0.0
+        want[start + i] = a * mask[start + i]
+    np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters(1.0, 0.9)
+  def test_reinforce_pp(self, gamma):
+    _, rewards, mask = _batch(seed=2)
+    hp = core.RLParams(gamma=gamma)
+    adv, _ = advantages.ADVANTAGE_ESTIMATORS.get("reinforce_pp")(
+        self._episodes(np.zeros(len(mask), np.float32), rewards, mask), hp)
+    ret = np.zeros_like(mask, np.float64)
+    for b in range(mask.shape[0]):
+      g = 0.0
+      for t in reversed(range(mask.shape[1])):
+        if mask[b, t]:
+          g = rewards[b, t] + gamma * g
+          ret[b, t] = g
+    valid = mask > 0
+    mean, std = ret[valid].mean(), ret[valid].std()
+    want = np.where(valid, (ret - mean) / np.sqrt(std ** 2 + 1e-8), 0.0)
+    np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-4, atol=1e-5)
+
+  def test_group_must_divide_the_batch(self):
+    scores, rewards, mask = _batch()
+    with self.assertRaisesRegex(ValueError, "does not divide into groups of 5"):
+      advantages.ADVANTAGE_ESTIMATORS.get("grpo")(self._episodes(scores, rewards, mask),
+                                                  core.RLParams(group_size=5))
+
+
+class GrpoLossTest(parameterized.TestCase):
+
+  @parameterized.product(aggregation=("token_mean", "sequence_mean", "fixed_length"),
+                         kl=(("k3", 0.04), ("k2", 0.1), ("k3", 0.0)))
+  def test_matches_numpy(self, aggregation, kl):
+    kind, beta = kl
+    _, _, mask = _batch(seed=3)
+    rng = np.random.default_rng(4)
+    logp = rng.normal(-2.0, 0.5, mask.shape)
+    old = logp + rng.normal(0, 0.3, mask.shape)
+    ref = logp + rng.normal(0, 0.3, mask.shape)
+    adv = rng.normal(size=mask.shape) * mask
+    hp = core.RLParams(clip_low=0.2, clip_high=0.28, kl_loss_coef=beta, kl_loss_estimator=kind,
+                       loss_aggregation=aggregation)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    loss, metrics = losses.POLICY_LOSSES.get("grpo")(f32(logp), f32(old), f32(adv), f32(mask),
+                                                     hp, f32(ref))
+    ratio = np.exp(logp - old)
+    per = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.28))
+    d = logp - ref
+    kl_tok = np.exp(-d) - 1 + d if kind == "k3" else 0.5 * d ** 2
+    per = per + beta * kl_tok
+    if aggregation == "token_mean":
+      want = (per * mask).sum() / mask.sum()
+    elif aggregation == "sequence_mean":
+      want = np.mean([(per[b] * mask[b]).sum() / max(mask[b].sum(), 1)
+                      for b in range(len(mask))])
+    else:
+      want = (per * mask).sum() / mask.size
+    np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
+    self.assertEqual("objective/kl_loss" in metrics, beta > 0)
+
+  def test_asymmetric_clip_gradients(self):
+    """Ratios above 1 + clip_high (positive advantage) or below 1 - clip_low (negative) get
+    no gradient; inside the range they do."""
+    old = jnp.zeros((1, 4))
+    logp = jnp.log(jnp.asarray([[1.25, 1.3, 0.85, 0.75]]))
+    adv = jnp.asarray([[1.0, 1.0, -1.0, -1.0]])
+    hp = core.RLParams(clip_low=0.2, clip_high=0.28)
+    g = jax.grad(lambda lp: losses.POLICY_LOSSES.get("grpo")(lp, old, adv, jnp.ones((1, 4)),
+                                                             hp)[0])(logp)
+    np.testing.assert_array_equal(np.asarray(g)[0] != 0, [True, False, True, False])
+
+  def test_k2(self):
+    d = jnp.asarray([[-0.5, 0.0, 2.0]])
+    np.testing.assert_allclose(np.asarray(core.kl_per_token(d, jnp.zeros_like(d), "k2")),
+                               [[0.125, 0.0, 2.0]])
+
+
+class PreferenceLossTest(parameterized.TestCase):
+  """DPO, cDPO and IPO against the papers' formulas on summed sequence log-probs."""
+
+  @parameterized.parameters(("dpo", 0.1, 0.0), ("dpo", 0.5, 0.2), ("ipo", 0.1, 0.0))
+  def test_matches_formula(self, loss_type, beta, eps):
+    rng = np.random.default_rng(5)
+    pc, pr, rc, rr = (rng.normal(-20, 3, 16) for _ in range(4))
+    loss, m = losses.preference_loss(*(jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr)),
+                                     beta=beta, loss_type=loss_type, label_smoothing=eps)
+    h = (pc - rc) - (pr - rr)
+    if loss_type == "dpo":
+      want = np.mean(-(1 - eps) * np.log(_np_sigmoid(beta * h))
+                     - eps * np.log(_np_sigmoid(-beta * h)))
+    else:
+      want = np.mean((h - 1 / (2 * beta)) ** 2)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(float(m["rewards/chosen"]), np.mean(beta * (pc - rc)), rtol=1e-4)
+    np.testing.assert_allclose(float(m["rewards/rejected"]), np.mean(beta * (pr - rr)),
+                               rtol=1e-4)
+    np.testing.assert_allclose(float(m["rewards/margins"]), np.mean(beta * h), rtol=1e-4,
+                               atol=1e-5)
+    self.assertAlmostEqual(float(m["rewards/accuracies"]), np.mean(h > 0), places=6)
+
+  def test_best_of_n_kl(self):
+    self.assertEqual(core.best_of_n_kl(1), 0.0)
+    for n in (2, 4, 16):
+      self.assertAlmostEqual(core.best_of_n_kl(n), np.log(n) - (n - 1) / n, places=6)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,13 @@ def kl_k1(log_ratio_BxN):
   return log_ratio_BxN
 
 
+@KL_ESTIMATORS.register("k2")
+def kl_k2(log_ratio_BxN):
+  """k2 = (log pi - log pi_ref)^2 / 2: biased, >= 0; its gradient is that of the reverse KL
+  (the choice GRPO's KL term needs for an unbiased gradient, TRL issue 4967)."""
+  return 0.5 * log_ratio_BxN ** 2
+
+
 @KL_ESTIMATORS.register("k3")
 def kl_k3(log_ratio_BxN):
   """k3 = (r - 1) - log r with r = pi_ref / pi: unbiased, always >= 0, lower variance."""
@@ -89,6 +96,12 @@ def rlhf_rewards(kl_BxN, scores_B, mask_BxN, beta):
 
 
 
+def best_of_n_kl(n: int) -> float:
+  """The KL of best-of-N sampling to the base policy, log N - (N - 1) / N (Stiennon et al.;
+  exact for continuous rewards without ties)."""
+  return float(jnp.log(n) - (n - 1) / n)
+
+
 def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
   """Ziegler et al.'s controller: e = clip(KL/target - 1, +-0.2); beta *= 1 + e * n / horizon."""
   error = min(max(kl / target - 1.0, -0.2), 0.2)
@@ -113,6 +126,16 @@ class RLParams:
   whiten_rewards: bool = False
   score_clip: float = 0.0  # 0: off
   missing_eos_penalty: float = 0.0
+  # Critic-free estimators: samples of one prompt are `group_size` consecutive rows.
+  group_size: int = 1
+  scale_rewards: bool = True  # GRPO: divide by the group's std (False: Dr. GRPO)
+  # The clipped loss's range is [1 - clip_low, 1 + clip_high] (0: clip_ratio); DAPO's
+  # "clip-higher" sets clip_high > clip_low.
+  clip_low: float = 0.0
+  clip_high: float = 0.0
+  kl_loss_coef: float = 0.0  # > 0: beta * KL(pi || pi_ref) as a loss term (GRPO)
+  kl_loss_estimator: str = "k3"
+  loss_aggregation: str = "token_mean"  # | "sequence_mean" | "fixed_length"
 
   @classmethod
   def from_config(cls, section, temperature: float) -> "RLParams":

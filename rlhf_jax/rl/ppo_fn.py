@@ -56,7 +56,7 @@ def experience(ac_graphdef, ref_graphdef, ac_params, ref_params, batch, scores_B
   if hp.whiten_rewards:
     rewards = core.masked_whiten(rewards, mask, shift_mean=False)
   estimator = ADVANTAGE_ESTIMATORS.get(hp.advantage_estimator)
-  advantages, returns = estimator(Episodes(rewards, values, mask), hp)
+  advantages, returns = estimator(Episodes(rewards, values, mask, scores), hp)
   advantages = core.masked_whiten(advantages, mask)
   metrics = {
       "objective/kl": kl.sum(axis=1).mean(),
