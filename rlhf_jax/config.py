@@ -20,7 +20,11 @@ import ml_collections
 from rlhf_jax import scale
 from rlhf_jax.models.config import TransformerConfig
 
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "rm", "ppo", "grpo")
+# The stages a run of each entry point goes through; the last is its own.
+CHAINS = {"sft": ("sft",), "rm": ("sft", "rm"), "ppo": ("sft", "rm", "ppo"),
+          "grpo": ("sft", "rm", "grpo")}
+RL_STAGES = ("ppo", "grpo")  # policy optimisation against a reward
 PRESETS = ("", "test", "moe", "smollm2")
 
 
@@ -130,7 +134,33 @@ def _ppo_section() -> ml_collections.ConfigDict:
   ))
 
 
-_SECTIONS = {"sft": _sft_section, "rm": _rm_section, "ppo": _ppo_section}
+def _grpo_section() -> ml_collections.ConfigDict:
+  """Critic-free policy optimisation on groups of samples per prompt (GRPO by default; the
+  `rloo` and `reinforce_pp` estimators run in the same stage)."""
+  return ml_collections.ConfigDict(dict(
+      data=dict(prompts_path="", eval_prompts_path="",
+                num_train_prompts=8192, num_eval_prompts=256,
+                batch_size=16),  # prompts per iteration; B * num_generations responses
+      num_generations=4,  # G samples per prompt (the group)
+      num_iterations=40, ppo_epochs=1, num_minibatches=1,  # epochs = GRPO's mu
+      advantage_estimator="grpo",  # | "rloo" | "reinforce_pp" (rl/advantages.py)
+      scale_rewards=True,  # GRPO: divide by the group's std (False: Dr. GRPO)
+      policy_loss="grpo",  # clipped, [1 - clip_low, 1 + clip_high], + KL loss term
+      clip_ratio=0.2, clip_low=0.0, clip_high=0.0,  # 0: clip_ratio
+      kl_loss_coef=0.04, kl_loss_estimator="k3",  # beta * KL(pi || pi_ref) in the loss
+      loss_aggregation="sequence_mean",  # | "token_mean" (DAPO) | "fixed_length" (Dr. GRPO)
+      kl_coef=0.0, kl_estimator="k1",  # KL penalty in the reward (RLOO, REINFORCE++)
+      gamma=1.0,  # REINFORCE++'s discount
+      entropy_coef=0.0,
+      score_clip=0.0, missing_eos_penalty=0.0,
+      reward="model",  # the trained RM, or "gold": the bundled task's gold reward
+      optim=optim_config(learning_rate=2e-4, end_lr_ratio=1.0, eps=1e-5, schedule="constant"),
+      train=dict(checkpoint_every=10, keep_checkpoints=2, sample_every=10, num_samples_shown=2),
+  ))
+
+
+_SECTIONS = {"sft": _sft_section, "rm": _rm_section, "ppo": _ppo_section,
+             "grpo": _grpo_section}
 
 
 def get_config(stage: str, preset: str = "") -> ml_collections.ConfigDict:
@@ -142,12 +172,12 @@ def get_config(stage: str, preset: str = "") -> ml_collections.ConfigDict:
   _shared(c)
   if stage != "sft":
     c.sft_checkpoint = ""  # a finished SFT folder (W/sft) to start from instead of training
-  if stage == "ppo":
+  if stage in RL_STAGES:
     c.rm_checkpoint = ""  # a finished RM folder (W/rm)
   # A stage to train again although the workdir holds a finished or interrupted run of it:
   # its folder and the later stages' are moved aside (<stage>.old-N), nothing is deleted.
   c.retrain = ""
-  for name in STAGES[:STAGES.index(stage) + 1]:
+  for name in CHAINS[stage]:
     c[name] = _SECTIONS[name]()
   _apply_preset(c, preset)
   c.lock()
@@ -185,6 +215,11 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
       c.ppo.update(num_iterations=6, ppo_epochs=2, num_minibatches=2)
       c.ppo.optim.learning_rate = 1e-4
       c.ppo.train.update(checkpoint_every=3, sample_every=3)
+    if "grpo" in c:
+      c.grpo.data.update(num_train_prompts=128, num_eval_prompts=32, batch_size=8)
+      c.grpo.update(num_iterations=6, num_generations=4)
+      c.grpo.optim.learning_rate = 1e-4
+      c.grpo.train.update(checkpoint_every=3, sample_every=3)
   elif preset == "moe":  # The default run with a sparse MoE FFN in every other layer.
     # Dropless routing: PPO's one-token decode steps must give the log-probs of the full
     # forward, which capacity-based dropping cannot promise.
@@ -229,4 +264,4 @@ def _smollm2(c: ml_collections.ConfigDict) -> None:
 
 def stages_of(config) -> tuple[str, ...]:
   """The stages a run of `config` goes through, in order."""
-  return STAGES[:STAGES.index(config.stage) + 1]
+  return CHAINS[config.stage]

@@ -48,6 +48,7 @@ from rlhf_jax import config as config_lib, scale, sharding
 from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, ValueModel
 
 GIB = 1024 ** 3
+MODELLED_STAGES = ("sft", "rm", "ppo")  # stages `estimate` models
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""The only place that chains stages: SFT -> preference data -> RM -> PPO, up to `config.stage`.
+"""The only place that chains stages: SFT -> preference data -> RM -> PPO or GRPO, up to
+`config.stage`.
 
 Each stage takes artifacts (a policy, a reward function, a tokenizer, records) and the one
 config, and returns artifacts; no stage module imports another. Before anything runs, the
@@ -21,7 +22,7 @@ from absl import logging
 
 from rlhf_jax import artifacts, config as config_lib, sharding, stage_settings, validate
 from rlhf_jax.data import records as records_lib, tasks
-from rlhf_jax.stages import ppo, preferences, rm, sft
+from rlhf_jax.stages import grpo, ppo, preferences, rm, sft
 
 
 @dataclasses.dataclass
@@ -59,22 +60,24 @@ def run(config, workdir: str | None, mesh=None, keep_states: bool = False) -> Re
   if config.stage == "sft":
     return out
   rm_metrics = {}
-  if config.stage == "rm" or config.ppo.reward == "model":
+  stage = config.stage
+  if stage == "rm" or config[stage].reward == "model":
     out.reward, rm_metrics = _reward(config, workdir, mesh, out)
     if config.stage == "rm":
       return out
     if out.reward.tokenizer.vocab_size != out.policy.tokenizer.vocab_size:
       raise ValueError("the reward model and the policy use different tokenizers; train the "
                        "RM from this SFT run (same workdir) or pass matching checkpoints.")
-  ppo_dir = artifacts.stage_dir(workdir, "ppo")
-  if _reusable(ppo_dir, config, "ppo", config.ppo.num_iterations):
-    logging.info("[pipeline] reusing the finished PPO run in %s", ppo_dir)
-    out.metrics = artifacts.read_summary(ppo_dir)
+  rl_dir = artifacts.stage_dir(workdir, stage)
+  if _reusable(rl_dir, config, stage, config[stage].num_iterations):
+    logging.info("[pipeline] reusing the finished %s run in %s", stage, rl_dir)
+    out.metrics = artifacts.read_summary(rl_dir)
     return out
-  _claim(ppo_dir, config, "ppo")
-  result = ppo.run(config, out.policy, out.reward, records_lib.load_prompts(config), mesh,
-                   workdir, rm_metrics)
-  out.add("ppo", result)
+  _claim(rl_dir, config, stage)
+  run_stage = {"ppo": ppo.run, "grpo": grpo.run}[stage]
+  result = run_stage(config, out.policy, out.reward, records_lib.load_prompts(config, stage),
+                     mesh, workdir, rm_metrics)
+  out.add(stage, result)
   return out
 
 

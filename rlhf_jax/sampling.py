@@ -30,8 +30,13 @@ class SamplingConfig:
   top_k: int = 0  # 0 = off.
   top_p: float = 1.0  # 1 = off.
   min_new_tokens: int = 0  # EOS is forbidden before this many tokens.
+  # Samples per prompt: the prompts are prefilled once and their KV cache repeated, so the
+  # output has B * num_samples rows, a prompt's samples consecutive.
+  num_samples: int = 1
 
   def __post_init__(self):
+    if self.num_samples < 1:
+      raise ValueError(f"samples per prompt must be >= 1, got {self.num_samples}.")
     if self.max_new_tokens <= 0:
       raise ValueError(f"sampling.max_new_tokens must be positive, got {self.max_new_tokens}.")
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -166,6 +171,11 @@ def make_sampler(graphdef, sampling: SamplingConfig, eos_id: int, pad_id: int):
     # Only the last prompt position predicts a token (prompts are left-padded): the LM head
     # on all P positions would be P times its FLOPs and a [B, P, V] buffer for nothing.
     first_logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
+    if s.num_samples > 1:  # G samples per prompt: the prefill's cache, repeated row-wise
+      first_logits_BxV, cache = jax.tree.map(
+          lambda x: jnp.repeat(x, s.num_samples, axis=0) if x.ndim else x,
+          (first_logits_BxV, cache))
+      b = b * s.num_samples
 
     def step(carry, t):
       logits_BxV, cache, done_B, rng = carry

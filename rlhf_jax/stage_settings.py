@@ -28,7 +28,8 @@ _SHARED = {
     "ppo": ("seed", "init_from", "model", "tokenizer", "data", "sampling", "sft_checkpoint",
             "rm_checkpoint"),
 }
-_UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm")}
+_SHARED["grpo"] = _SHARED["ppo"]
+_UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm"), "grpo": ("sft", "rm")}
 _WATCHING = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
              "num_samples_shown", "sample_every", "num_steps")
 

@@ -42,6 +42,8 @@ def check(config) -> None:
     _check_rm(config)
   if "ppo" in config:
     _check_ppo(config)
+  if "grpo" in config:
+    _check_grpo(config)
 
 
 def _check_shared(config) -> None:
@@ -155,18 +157,56 @@ def _check_ppo(config) -> None:
                p.optim.grad_accum_steps, "ppo.optim.grad_accum_steps")
   for key in ("num_iterations", "ppo_epochs", "num_minibatches"):
     _positive(f"ppo.{key}", p[key])
+  _check_rl_common(config, "ppo")
+
+
+def _check_rl_common(config, stage: str) -> None:
+  """What every policy-optimisation stage needs: sampling without filters, a dropless MoE."""
   s = config.sampling
   if s.top_k or s.top_p < 1 or s.min_new_tokens:
     # The sampler's log-probs are of the unfiltered softmax (what the training forward
-    # recomputes); with filters the samples come from another distribution, so PPO's "old
+    # recomputes); with filters the samples come from another distribution, so the "old
     # policy" would not be the sampling policy (TRL issue 6789).
-    raise ValueError("PPO samples from softmax(logits / sampling.temperature) and trains on "
-                     "its log-probs: unset sampling.top_k, sampling.top_p and "
-                     "sampling.min_new_tokens (got "
-                     f"{s.top_k}, {s.top_p}, {s.min_new_tokens}) for RL.")
+    raise ValueError(f"{stage.upper()} samples from softmax(logits / sampling.temperature) and "
+                     "trains on its log-probs: unset sampling.top_k, sampling.top_p and "
+                     f"sampling.min_new_tokens (got {s.top_k}, {s.top_p}, {s.min_new_tokens}) "
+                     "for RL.")
   if not config.sft_checkpoint and not config.init_from:
     _check_ppo_network(config.model.moe.num_experts, config.model.moe.dropless,
                        config.model.moe.router_jitter, "model.moe")
+
+
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+
+
+def _check_grpo(config) -> None:
+  g = config.grpo
+  _choice("grpo.reward", g.reward, ("model", "gold"))
+  _choice("grpo.advantage_estimator", g.advantage_estimator, GROUP_ESTIMATORS)
+  core.KL_ESTIMATORS.check(g.kl_estimator)
+  if g.kl_loss_estimator not in core.KL_ESTIMATORS:
+    raise ValueError(f"grpo.kl_loss_estimator is {g.kl_loss_estimator!r}; choose one of "
+                     f"{core.KL_ESTIMATORS.names()}.")
+  losses.POLICY_LOSSES.check(g.policy_loss)
+  _choice("grpo.loss_aggregation", g.loss_aggregation, losses.AGGREGATIONS)
+  if g.advantage_estimator in ("grpo", "rloo") and g.num_generations < 2:
+    raise ValueError(f"grpo.num_generations is {g.num_generations}: a group of one sample has "
+                     f"no baseline ({g.advantage_estimator} advantages would all be 0); use >= 2.")
+  if g.reward == "gold" and (g.data.prompts_path or config.rm_checkpoint):
+    raise ValueError("grpo.reward='gold' scores with a bundled task: unset "
+                     "grpo.data.prompts_path and rm_checkpoint, or use grpo.reward='model'.")
+  if g.data.prompts_path and not g.data.eval_prompts_path:
+    raise ValueError("grpo.data.prompts_path is set but grpo.data.eval_prompts_path is not.")
+  for key in ("num_iterations", "ppo_epochs", "num_minibatches", "num_generations"):
+    _positive(f"grpo.{key}", g[key])
+  _positive("grpo.data.batch_size", g.data.batch_size)
+  rows = g.data.batch_size * g.num_generations
+  if rows % g.num_minibatches:
+    raise ValueError(f"grpo: {rows} responses per iteration (data.batch_size x num_generations) "
+                     f"must divide by grpo.num_minibatches {g.num_minibatches}.")
+  _check_batch("grpo minibatch", rows // g.num_minibatches, g.optim.grad_accum_steps,
+               "grpo.optim.grad_accum_steps")
+  _check_rl_common(config, "grpo")
 
 
 def _check_ppo_network(num_experts, dropless, router_jitter, where: str) -> None:
@@ -205,6 +245,12 @@ def check_mesh(config, mesh) -> None:
   if "rm" in config:
     sizes += [("rm.data.batch_size", config.rm.data.batch_size),
               ("rm.data.generation_batch_size", config.rm.data.generation_batch_size)]
+  if "grpo" in config:
+    g = config.grpo
+    sizes += [("grpo.data.batch_size", g.data.batch_size),
+              ("grpo minibatch (grpo.data.batch_size x num_generations / num_minibatches / "
+               "grpo.optim.grad_accum_steps)", g.data.batch_size * g.num_generations
+               // g.num_minibatches // g.optim.grad_accum_steps)]
   if "ppo" in config:
     p = config.ppo
     sizes += [("ppo.data.batch_size", p.data.batch_size),

@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from rlhf_jax import artifacts, sampling, sharding
+from rlhf_jax import artifacts, evaluation, sampling, sharding
 from rlhf_jax.data import batching
 from rlhf_jax.fileio import write_json
 from rlhf_jax.models import ActorCritic, PolicyModel, ScalarHead, ValueModel
@@ -259,7 +259,9 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
       p.train, num_steps=p.num_iterations))
   state, last = runner.run(step, state, batches, carry=carry, log_keys=LOG_KEYS)
   compiled = iterate.programs.compiled()  # before the summary samples with the same sampler
-  summary = _summary(config, policy, reward, state, iterate.programs, prompts, mesh)
+  summary = evaluation.held_out_summary(
+      config, "ppo", policy, state.params["policy"], reward, iterate.programs.sampler,
+      iterate.programs.score, prompts, mesh, p.data.batch_size)
   summary["final/kl"] = last.get("objective/kl", float("nan"))
   for key in ("eval_accuracy", "eval_gold_agreement"):
     if key in (rm_metrics or {}):
@@ -273,24 +275,3 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
   for k, v in sorted(summary.items()):
     logging.info("[ppo] summary %s = %.4f", k, v)
   return Result(final, state, compiled, iterate.programs)
-
-
-def _summary(config, policy, reward, state, programs: Programs, prompts, mesh
-             ) -> dict[str, float]:
-  """Gold reward and RM score of the SFT vs the PPO policy on the same held-out prompts. The
-  RM scores the sampled ids as in training (`programs.score` on prompt + response), the gold
-  reward the decoded texts."""
-  d, bs = config.data, config.ppo.data.batch_size
-  out = {}
-  for name, params in (("sft", policy.params), ("ppo", state.params["policy"])):
-    samples = sampling.sample_prompts(programs.sampler, params, policy.tokenizer, prompts.eval,
-                                      mesh, d.max_prompt_len, bs,
-                                      jax.random.PRNGKey(config.seed + 7))
-    if reward is not None:
-      scores = artifacts.sequence_scores(programs.score, reward.params, samples.seq,
-                                         samples.seq_mask, bs, mesh)
-      out[f"final/{name}_rm_score"] = float(np.mean(scores, dtype=np.float64))
-    if prompts.task is not None:
-      out[f"final/{name}_gold_reward"] = float(np.mean(
-          [prompts.task.gold_reward(q, a) for q, a in zip(prompts.eval, samples.texts)]))
-  return out
