@@ -141,7 +141,6 @@ def _compile_template(source: str):
 
 def gguf_tokenizer_files(path: str) -> tuple[str, dict[str, Any]]:
   """(tokenizer.json text, tokenizer_config.json dict) rebuilt from a GGUF file's metadata."""
-  import gguf  # pylint: disable=g-import-not-at-top
   from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top,g-multiple-import
 
   from rlhf_jax.models import gguf_import  # pylint: disable=g-import-not-at-top
