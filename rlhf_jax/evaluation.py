@@ -1,5 +1,7 @@
-"""The held-out summary every policy-optimisation stage reports: gold reward (bundled tasks)
-and RM score of the start policy vs the trained one, on the same held-out prompts and keys.
+"""What the policy-optimisation stages (PPO, GRPO) share around their iteration: the train
+prompts as resumable batches, the task's gold reward of sampled texts, and the end of the
+stage: the held-out summary (gold reward and RM score of the start policy vs the trained one,
+on the same held-out prompts and keys), written to metrics and `summary.json`.
 
 The RM scores the sampled ids in the rollout layout (prompt + response), as in training; the
 gold reward reads the decoded texts.
@@ -9,8 +11,52 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from absl import logging
 
-from rlhf_jax import artifacts, sampling
+from rlhf_jax import artifacts, sampling, sharding
+from rlhf_jax.data import batching
+from rlhf_jax.fileio import write_json
+
+
+def prompt_batches(config, stage: str, prompts, tok, mesh) -> batching.EpochIterator:
+  """The train prompts of `stage` as batches of `tokens`, `mask` and `index` (into
+  `prompts.train`), deterministic and resumable."""
+  arrays = batching.prompt_arrays(prompts.train, tok, config.data.max_prompt_len)
+  arrays["index"] = np.arange(len(prompts.train))
+  return batching.EpochIterator(arrays, config[stage].data.batch_size, config.seed,
+                                *sharding.process_block(mesh),
+                                source=prompts.sources.get("train", "prompts"),
+                                batch_key=f"{stage}.data.batch_size")
+
+
+def gold_fn(prompts):
+  """`(index, texts) -> [B] float32`: the bundled task's gold reward of sampled texts for the
+  train prompts at `index`; None for prompt files (no gold reward)."""
+  task, train = prompts.task, prompts.train
+  if task is None:
+    return None
+  return lambda index, texts: np.array(
+      [task.gold_reward(train[i], t) for i, t in zip(index, texts)], np.float32)
+
+
+def finish(config, stage: str, runner, last: dict[str, float], summary: dict[str, float],
+           rm_metrics: dict | None, workdir: str | None) -> dict[str, float]:
+  """Completes `summary` (final KL, the RM's held-out accuracy), writes it as the stage's last
+  metrics row and, with the last iteration's metrics, as its `summary.json` (what a rerun
+  reports); closes the runner; returns the final metrics."""
+  summary["final/kl"] = last.get("objective/kl", float("nan"))
+  for key in ("eval_accuracy", "eval_gold_agreement"):
+    if key in (rm_metrics or {}):
+      summary[f"rm/{key}"] = rm_metrics[key]
+  runner.writer.write(config[stage].num_iterations, summary)
+  runner.close()
+  final = {**last, **summary}
+  out_dir = artifacts.stage_dir(workdir, stage)
+  if out_dir and jax.process_index() == 0:
+    write_json(f"{out_dir}/{artifacts.SUMMARY}", final)
+  for k, v in sorted(summary.items()):
+    logging.info("[%s] summary %s = %.4f", stage, k, v)
+  return final
 
 
 def held_out_summary(config, stage: str, policy: artifacts.Policy, trained_params, reward,

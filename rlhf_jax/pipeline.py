@@ -68,12 +68,8 @@ def run(config, workdir: str | None, mesh=None, keep_states: bool = False) -> Re
     if out.reward.tokenizer.vocab_size != out.policy.tokenizer.vocab_size:
       raise ValueError("the reward model and the policy use different tokenizers; train the "
                        "RM from this SFT run (same workdir) or pass matching checkpoints.")
-  rl_dir = artifacts.stage_dir(workdir, stage)
-  if _reusable(rl_dir, config, stage, config[stage].num_iterations):
-    logging.info("[pipeline] reusing the finished %s run in %s", stage, rl_dir)
-    out.metrics = artifacts.read_summary(rl_dir)
+  if _finished(config, workdir, stage, f"{stage} run", out):
     return out
-  _claim(rl_dir, config, stage)
   run_stage = {"ppo": ppo.run, "grpo": grpo.run}[stage]
   result = run_stage(config, out.policy, out.reward, records_lib.load_prompts(config, stage),
                      mesh, workdir, rm_metrics)
@@ -81,13 +77,24 @@ def run(config, workdir: str | None, mesh=None, keep_states: bool = False) -> Re
   return out
 
 
-def _reusable(out_dir: str | None, config, stage: str, num_steps: int | None) -> bool:
-  """Whether `out_dir` holds a finished run of `stage` to reuse (an error if it was made
-  with other settings)."""
-  if not artifacts.finished(out_dir, num_steps):
-    return False
-  stage_settings.check(out_dir, config, stage)
-  return True
+def _finished(config, workdir: str | None, stage: str, what: str, out: Result) -> str | None:
+  """The folder of a finished `stage` to load instead of running it: `<stage>_checkpoint`,
+  else `<workdir>/<stage>` if it holds a run of the configured length made with the same
+  settings (other settings are an error); its saved metrics become the pipeline's. Else
+  None, and the workdir folder is claimed for the run (`_claim`)."""
+  path = config.get(f"{stage}_checkpoint", "")
+  own = artifacts.stage_dir(workdir, stage)
+  num_steps = config[stage].num_iterations if stage in config_lib.RL_STAGES else (
+      config[stage].train.num_steps)
+  if not path and artifacts.finished(own, num_steps):
+    stage_settings.check(own, config, stage)
+    path = own
+  if not path:
+    _claim(own, config, stage)
+    return None
+  logging.info("[pipeline] reusing the finished %s in %s", what, path)
+  out.metrics = artifacts.read_summary(path)
+  return path
 
 
 def _claim(out_dir: str | None, config, stage: str) -> None:
@@ -105,14 +112,9 @@ def _claim(out_dir: str | None, config, stage: str) -> None:
 def _policy(config, workdir, mesh, out: Result) -> artifacts.Policy:
   """The SFT policy: `sft_checkpoint`, else the finished run in `<workdir>/sft`, else trained
   (or resumed) now."""
-  path = config.get("sft_checkpoint", "")
-  sft_dir = artifacts.stage_dir(workdir, "sft")
-  if path or _reusable(sft_dir, config, "sft", config.sft.train.num_steps):
-    path = path or sft_dir
-    logging.info("[pipeline] reusing the finished SFT policy in %s", path)
-    out.metrics = artifacts.read_summary(path)
+  path = _finished(config, workdir, "sft", "SFT policy", out)
+  if path:
     return artifacts.load_policy(path, mesh)
-  _claim(sft_dir, config, "sft")
   result = sft.run(config, records_lib.load_sft_data(config, workdir), mesh, workdir)
   out.add("sft", result)
   return result.policy
@@ -121,14 +123,9 @@ def _policy(config, workdir, mesh, out: Result) -> artifacts.Policy:
 def _reward(config, workdir, mesh, out: Result):
   """(normalised RM, its metrics): `rm_checkpoint`, else the finished run in `<workdir>/rm`,
   else trained (or resumed) now on user pairs or pairs generated from the SFT policy."""
-  path = config.get("rm_checkpoint", "")
-  rm_dir = artifacts.stage_dir(workdir, "rm")
-  if path or _reusable(rm_dir, config, "rm", config.rm.train.num_steps):
-    path = path or rm_dir
-    logging.info("[pipeline] reusing the finished reward model in %s", path)
-    out.metrics = artifacts.read_summary(path)
+  path = _finished(config, workdir, "rm", "reward model", out)
+  if path:
     return artifacts.load_reward_model(path, mesh), out.metrics
-  _claim(rm_dir, config, "rm")
   if records_lib.uses_files(config.rm.data):
     train, evals, names, _ = records_lib.load_records(config, "rm", "preference", "")
     prefs, task = preferences.PreferenceData(train, evals, names), None

@@ -21,13 +21,9 @@ KEYS = ("objective/kl", "objective/scores", "loss/policy", "frac_reward_zero_std
 
 
 def _config(num_devices=1, **grpo):
-  workdir, _ = testing.shared_pipeline()
   cfg = testing.pipeline_config("grpo", num_devices)
   cfg.grpo.update(**dict(dict(num_iterations=4), **grpo))
-  cfg.sft_checkpoint = os.path.join(workdir, "sft")
-  if cfg.grpo.reward == "model":
-    cfg.rm_checkpoint = os.path.join(workdir, "rm")
-  return cfg
+  return testing.from_shared(cfg)
 
 
 class GrpoStageTest(absltest.TestCase):

@@ -27,15 +27,6 @@ def _config(num_devices=1, **ppo_overrides):
   return cfg
 
 
-def _from_shared(cfg):
-  """`cfg` set to start from the shared pipeline's SFT policy and RM."""
-  workdir, _ = testing.shared_pipeline()
-  cfg.sft_checkpoint = os.path.join(workdir, "sft")
-  if cfg.ppo.reward == "model":
-    cfg.rm_checkpoint = os.path.join(workdir, "rm")
-  return cfg
-
-
 class PpoTest(absltest.TestCase):
 
   @classmethod
@@ -124,7 +115,7 @@ class PpoTest(absltest.TestCase):
     parallelism is compared with one device in sharding_test.)"""
     outs = []
     for mesh in (dict(num_devices=1), dict(data=2, fsdp=4, num_devices=8)):
-      cfg = _from_shared(_config(num_iterations=2))
+      cfg = testing.from_shared(_config(num_iterations=2))
       cfg.mesh.update(mesh)
       with tempfile.TemporaryDirectory() as wd:
         outs.append(pipeline.run(cfg, wd).metrics)
@@ -148,7 +139,7 @@ class PpoTest(absltest.TestCase):
   def test_gold_reward_ppo_raises_gold_reward(self):
     """PPO against the sort task's exact reward (no RM) with a value head on the policy trunk
     and 2 micro-batches per minibatch: gold reward on held-out prompts goes up."""
-    cfg = _from_shared(_config(num_iterations=12, reward="gold", critic="shared",
+    cfg = testing.from_shared(_config(num_iterations=12, reward="gold", critic="shared",
                                adaptive_kl=False))
     cfg.ppo.optim.update(learning_rate=3e-4, grad_accum_steps=2)
     with tempfile.TemporaryDirectory() as wd:
@@ -174,8 +165,8 @@ class PpoTest(absltest.TestCase):
     the adaptive KL coefficient included (it is restored from the checkpoint)."""
     full = self.result.metrics
     with tempfile.TemporaryDirectory() as wd:
-      pipeline.run(_from_shared(_config(num_iterations=3)), wd)
-      resumed = pipeline.run(_from_shared(_config()), wd).metrics
+      pipeline.run(testing.from_shared(_config(num_iterations=3)), wd)
+      resumed = pipeline.run(testing.from_shared(_config()), wd).metrics
     self.assertNotAlmostEqual(full["kl_coef"], 0.05, places=4)
     for key in ("objective/kl", "objective/scores", "loss/policy", "kl_coef",
                 "final/ppo_gold_reward"):

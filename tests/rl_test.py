@@ -302,14 +302,19 @@ class LossTest(parameterized.TestCase):
     g = jax.grad(lambda lp: losses.policy_loss(lp, old, adv, mask, 0.2)[0])(logp)
     np.testing.assert_allclose(np.asarray(g), [[0.0, -0.5]], atol=1e-6)
 
-  @parameterized.parameters(0.2, 0.5)
-  def test_value_loss(self, clip):
+  @staticmethod
+  def _value_batch():
+    """(values, old values, returns, mask): values within ~0.5 of the old ones."""
     rng = np.random.default_rng(9)
     b = len(_LENGTHS)
-    mask = _right_mask(_LENGTHS)
     old_v = rng.normal(size=(b, _N)).astype(np.float32)
     v = (old_v + rng.normal(size=(b, _N)) * 0.5).astype(np.float32)
     ret = rng.normal(size=(b, _N)).astype(np.float32)
+    return v, old_v, ret, _right_mask(_LENGTHS)
+
+  @parameterized.parameters(0.2, 0.5)
+  def test_value_loss(self, clip):
+    v, old_v, ret, mask = self._value_batch()
     loss, metrics = jax.jit(losses.value_loss)(v, old_v, ret, mask, clip)
 
     terms, clipped = [], []
@@ -332,12 +337,7 @@ class LossTest(parameterized.TestCase):
     one = jnp.ones((1, 1))
     _, metrics = jax.jit(losses.value_loss)(0.1 * one, 0.3 * one, 0.2 * one, one, 0.5)
     self.assertEqual(float(metrics["val/clipfrac"]), 0.0)
-    rng = np.random.default_rng(9)
-    b = len(_LENGTHS)
-    mask = _right_mask(_LENGTHS)
-    old_v = rng.normal(size=(b, _N)).astype(np.float32)
-    v = (old_v + rng.normal(size=(b, _N)) * 0.5).astype(np.float32)
-    ret = rng.normal(size=(b, _N)).astype(np.float32)
+    v, old_v, ret, mask = self._value_batch()
     for clip in (0.2, 0.5):
       _, metrics = jax.jit(losses.value_loss)(v, old_v, ret, mask, clip)
       clipped = []

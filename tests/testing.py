@@ -106,6 +106,16 @@ def shared_pipeline():
   return _SHARED["run"]
 
 
+def from_shared(cfg):
+  """`cfg` (a PPO or GRPO config) set to start from the shared pipeline's SFT policy and, when
+  it scores with a reward model, its RM."""
+  workdir, _ = shared_pipeline()
+  cfg.sft_checkpoint = os.path.join(workdir, "sft")
+  if cfg[cfg.stage].reward == "model":
+    cfg.rm_checkpoint = os.path.join(workdir, "rm")
+  return cfg
+
+
 def metric_rows(workdir: str, stage: str | None = None) -> list[dict]:
   """The rows of `<workdir>/metrics.jsonl` (of one stage, if given)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

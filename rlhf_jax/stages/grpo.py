@@ -28,8 +28,6 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import artifacts, evaluation, sampling, sharding
-from rlhf_jax.data import batching
-from rlhf_jax.fileio import write_json
 from rlhf_jax.models import PolicyModel, moe
 from rlhf_jax.models.heads import response_logits
 from rlhf_jax.rl import core
@@ -185,22 +183,13 @@ class Result:
 def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | None,
         rm_metrics: dict | None = None) -> Result:
   """Trains the SFT `policy` against `reward` (None: the task's gold reward)."""
-  g, tok = config.grpo, policy.tokenizer
+  g = config.grpo
   copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))  # the SFT params stay the reference
   tx = optim.make_optimizer(g.optim)
   state, shardings = state_lib.create_train_state(copy(policy.params), tx, mesh)
-  task, train_prompts = prompts.task, prompts.train
-  gold_fn = None
-  if task is not None:
-    gold_fn = lambda index, texts: np.array(
-        [task.gold_reward(train_prompts[i], t) for i, t in zip(index, texts)], np.float32)
-  iterate = Iteration(config, mesh, policy, reward, tx, shardings, gold_fn)
-  arrays = batching.prompt_arrays(train_prompts, tok, config.data.max_prompt_len)
-  arrays["index"] = np.arange(len(train_prompts))
-  batches = batching.EpochIterator(arrays, g.data.batch_size, config.seed,
-                                   *sharding.process_block(mesh),
-                                   source=prompts.sources.get("train", "prompts"),
-                                   batch_key="grpo.data.batch_size")
+  train_prompts = prompts.train
+  iterate = Iteration(config, mesh, policy, reward, tx, shardings, evaluation.gold_fn(prompts))
+  batches = evaluation.prompt_batches(config, "grpo", prompts, policy.tokenizer, mesh)
 
   def step(it, state, prompt_batch):
     state, metrics, samples = iterate(state, policy.params, prompt_batch, it)
@@ -216,16 +205,5 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
   summary = evaluation.held_out_summary(config, "grpo", policy, state.params, reward,
                                         iterate.programs.eval_sampler, iterate.programs.score,
                                         prompts, mesh, g.data.batch_size)
-  summary["final/kl"] = last.get("objective/kl", float("nan"))
-  for key in ("eval_accuracy", "eval_gold_agreement"):
-    if key in (rm_metrics or {}):
-      summary[f"rm/{key}"] = rm_metrics[key]
-  runner.writer.write(g.num_iterations, summary)
-  runner.close()
-  final = {**last, **summary}
-  out_dir = artifacts.stage_dir(workdir, "grpo")
-  if out_dir and jax.process_index() == 0:
-    write_json(f"{out_dir}/{artifacts.SUMMARY}", final)
-  for k, v in sorted(summary.items()):
-    logging.info("[grpo] summary %s = %.4f", k, v)
+  final = evaluation.finish(config, "grpo", runner, last, summary, rm_metrics, workdir)
   return Result(final, state, compiled)

@@ -29,8 +29,6 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import artifacts, evaluation, sampling, sharding
-from rlhf_jax.data import batching
-from rlhf_jax.fileio import write_json
 from rlhf_jax.models import ActorCritic, PolicyModel, ScalarHead, ValueModel
 from rlhf_jax.rl import core, ppo_fn
 from rlhf_jax.train import metrics as metrics_lib, optim, runner as runner_lib, state as state_lib
@@ -230,21 +228,13 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
         rm_metrics: dict | None = None) -> Result:
   """Trains the SFT `policy` against `reward` (an `artifacts.RewardFunction`, or None to score
   with the task's gold reward). `prompts`: `train`, `eval` prompt lists and `task` (or None)."""
-  p, tok = config.ppo, policy.tokenizer
+  p = config.ppo
   ac_graphdef, state, shardings, tx = init_actor_critic(config, policy.model_config,
                                                         policy.params, reward, mesh)
-  task, train_prompts = prompts.task, prompts.train
-  gold_fn = None
-  if task is not None:
-    gold_fn = lambda index, texts: np.array(
-        [task.gold_reward(train_prompts[i], t) for i, t in zip(index, texts)], np.float32)
-  iterate = Iteration(config, mesh, ac_graphdef, policy, reward, tx, shardings, gold_fn)
-  arrays = batching.prompt_arrays(train_prompts, tok, config.data.max_prompt_len)
-  arrays["index"] = np.arange(len(train_prompts))
-  batches = batching.EpochIterator(arrays, p.data.batch_size, config.seed,
-                                   *sharding.process_block(mesh),
-                                   source=prompts.sources.get("train", "prompts"),
-                                   batch_key="ppo.data.batch_size")
+  train_prompts = prompts.train
+  iterate = Iteration(config, mesh, ac_graphdef, policy, reward, tx, shardings,
+                      evaluation.gold_fn(prompts))
+  batches = evaluation.prompt_batches(config, "ppo", prompts, policy.tokenizer, mesh)
   carry = {"kl_coef": float(p.kl_coef)}
 
   def step(it, state, prompt_batch):
@@ -262,16 +252,5 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
   summary = evaluation.held_out_summary(
       config, "ppo", policy, state.params["policy"], reward, iterate.programs.sampler,
       iterate.programs.score, prompts, mesh, p.data.batch_size)
-  summary["final/kl"] = last.get("objective/kl", float("nan"))
-  for key in ("eval_accuracy", "eval_gold_agreement"):
-    if key in (rm_metrics or {}):
-      summary[f"rm/{key}"] = rm_metrics[key]
-  runner.writer.write(p.num_iterations, summary)
-  runner.close()
-  out_dir = artifacts.stage_dir(workdir, "ppo")
-  final = {**last, **summary}
-  if out_dir and jax.process_index() == 0:  # the final metrics a rerun reports
-    write_json(f"{out_dir}/{artifacts.SUMMARY}", final)
-  for k, v in sorted(summary.items()):
-    logging.info("[ppo] summary %s = %.4f", k, v)
+  final = evaluation.finish(config, "ppo", runner, last, summary, rm_metrics, workdir)
   return Result(final, state, compiled, iterate.programs)
