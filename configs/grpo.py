@@ -1,5 +1,6 @@
-"""Critic-free RL: SFT -> preferences -> RM -> GRPO (or RLOO / REINFORCE++ with
-`--config.grpo.advantage_estimator=rloo|reinforce_pp`). `--config=configs/grpo.py[:test]`."""
+"""GRPO (Shao et al. 2024): SFT -> preferences -> RM -> GRPO, G=4 samples per prompt,
+group-normalised advantages, KL to the reference as a loss term.
+`--config=configs/grpo.py[:test]`. RLOO and REINFORCE++ have their own configs."""
 
 from rlhf_jax import config
 

@@ -4,11 +4,11 @@ Shared sections are defined once and read by every stage:
     seed, init_from, model, tokenizer, mesh,
     data      task, max_prompt_len, max_completion_len, truncation
     sampling  temperature, top_k, top_p, min_new_tokens
-Stage sections hold only what is theirs: `sft`, `rm`, `ppo`, each with its own `data`
-(where its records come from, how many, the batch size), `optim` and `train`, plus the
-algorithm's keys. `stage` names the last stage to run; the pipeline runs every stage before
-it (reusing finished ones). `configs/{sft,rm,ppo}.py` are the entry points: the same config
-with the sections up to that stage. Every key can be overridden on the command line
+Stage sections hold only what is theirs: `sft`, `rm`, `ppo`, `grpo`, `rloo`,
+`reinforce_pp`, `dpo`, `best_of_n`, each with its own `data` (where its records come from,
+how many, the batch size), `optim` and `train`, plus the algorithm's keys. `stage` names the
+last stage to run; the pipeline runs every stage before it (reusing finished ones).
+`configs/<stage>.py` are the entry points: the same config with the sections of its chain. Every key can be overridden on the command line
 (`--config.data.max_prompt_len=32` reaches every stage); keys are locked, so a typo fails.
 `validate` checks every enum and cross-field constraint before any stage runs.
 """
@@ -20,11 +20,15 @@ import ml_collections
 from rlhf_jax import scale
 from rlhf_jax.models.config import TransformerConfig
 
-STAGES = ("sft", "rm", "ppo", "grpo")
-# The stages a run of each entry point goes through; the last is its own.
-CHAINS = {"sft": ("sft",), "rm": ("sft", "rm"), "ppo": ("sft", "rm", "ppo"),
-          "grpo": ("sft", "rm", "grpo")}
-RL_STAGES = ("ppo", "grpo")  # policy optimisation against a reward
+# Group-sampled, critic-free policy optimisation: one stage module (`stages/grpo.py`), one
+# section each, with the paper's defaults.
+GROUP_STAGES = ("grpo", "rloo", "reinforce_pp")
+RL_STAGES = ("ppo",) + GROUP_STAGES  # online policy optimisation against a reward
+STAGES = ("sft", "rm") + RL_STAGES + ("dpo", "best_of_n")
+# The stages a run of each entry point goes through; the last is its own. DPO trains on the
+# RM stage's preference pairs (and reports the RM's score); best-of-N ranks with the RM.
+CHAINS = {"sft": ("sft",), "rm": ("sft", "rm"),
+          **{s: ("sft", "rm", s) for s in STAGES[2:]}}
 PRESETS = ("", "test", "moe", "smollm2")
 
 
@@ -134,16 +138,17 @@ def _ppo_section() -> ml_collections.ConfigDict:
   ))
 
 
-def _grpo_section() -> ml_collections.ConfigDict:
-  """Critic-free policy optimisation on groups of samples per prompt (GRPO by default; the
-  `rloo` and `reinforce_pp` estimators run in the same stage)."""
-  return ml_collections.ConfigDict(dict(
+def _group_section(estimator: str) -> ml_collections.ConfigDict:
+  """Critic-free policy optimisation on samples of each prompt (`stages/grpo.py`), with the
+  defaults of `estimator`'s paper: GRPO (Shao et al. 2024), RLOO (Ahmadian et al. 2024) or
+  REINFORCE++ (Hu 2025). Each samples 64 responses per iteration, as PPO does."""
+  c = ml_collections.ConfigDict(dict(
       data=dict(prompts_path="", eval_prompts_path="",
                 num_train_prompts=8192, num_eval_prompts=256,
                 batch_size=16),  # prompts per iteration; B * num_generations responses
       num_generations=4,  # G samples per prompt (the group)
       num_iterations=40, ppo_epochs=1, num_minibatches=1,  # epochs = GRPO's mu
-      advantage_estimator="grpo",  # | "rloo" | "reinforce_pp" (rl/advantages.py)
+      advantage_estimator=estimator,  # "grpo" | "rloo" | "reinforce_pp" (rl/advantages.py)
       scale_rewards=True,  # GRPO: divide by the group's std (False: Dr. GRPO)
       policy_loss="grpo",  # clipped, [1 - clip_low, 1 + clip_high], + KL loss term
       clip_ratio=0.2, clip_low=0.0, clip_high=0.0,  # 0: clip_ratio
@@ -157,10 +162,47 @@ def _grpo_section() -> ml_collections.ConfigDict:
       optim=optim_config(learning_rate=2e-4, end_lr_ratio=1.0, eps=1e-5, schedule="constant"),
       train=dict(checkpoint_every=10, keep_checkpoints=2, sample_every=10, num_samples_shown=2),
   ))
+  if estimator == "rloo":  # KL folded into the sequence reward; REINFORCE (one epoch)
+    c.update(kl_loss_coef=0.0, kl_coef=0.05, loss_aggregation="token_mean")
+  elif estimator == "reinforce_pp":  # token-level KL in the reward, batch-whitened returns
+    c.data.batch_size = 64
+    c.update(num_generations=1, kl_loss_coef=0.0, kl_coef=0.05, loss_aggregation="token_mean")
+  return c
+
+
+def _dpo_section() -> ml_collections.ConfigDict:
+  """Offline preference optimisation (`stages/dpo.py`): DPO, IPO or cDPO on the pairs the RM
+  stage generates (or preference JSONL), against the frozen SFT policy."""
+  return ml_collections.ConfigDict(dict(
+      # Preference JSONL; empty: the RM stage's pairs (generated, or rm.data's files).
+      data=_files(batch_size=32,
+                  num_eval_prompts=256),  # held-out task prompts for the gold-reward summary
+      loss_type="dpo",  # | "ipo" (rl/losses.py PREFERENCE_LOSSES)
+      beta=0.1,
+      label_smoothing=0.0,  # cDPO's epsilon: the chance a label is flipped (dpo only)
+      reward="model",  # train the RM too, to report its score of the DPO policy; or "none"
+      optim=optim_config(learning_rate=1e-4, warmup_steps=10, decay_steps=200),
+      train=_train_config(num_steps=200, log_every=25, eval_every=100, checkpoint_every=100,
+                          num_samples_shown=0),
+  ))
+
+
+def _best_of_n_section() -> ml_collections.ConfigDict:
+  """Best-of-N (`stages/best_of_n.py`): N samples of the SFT policy per held-out prompt, the
+  reward's best kept; one run gives every N of the list (KL = log N - (N - 1) / N)."""
+  return ml_collections.ConfigDict(dict(
+      data=dict(eval_prompts_path="",  # prompt JSONL; empty: the bundled task's eval prompts
+                num_eval_prompts=256,
+                batch_size=16),  # prompts per sampling call: batch_size * max(n) samples
+      n=(1, 2, 4, 8, 16),
+      reward="model",  # rank by the trained RM, or "gold" (the oracle's best-of-N)
+      train=dict(num_samples_shown=2),  # nothing is trained: no optim, no steps
+  ))
 
 
 _SECTIONS = {"sft": _sft_section, "rm": _rm_section, "ppo": _ppo_section,
-             "grpo": _grpo_section}
+             **{s: (lambda s=s: _group_section(s)) for s in GROUP_STAGES},
+             "dpo": _dpo_section, "best_of_n": _best_of_n_section}
 
 
 def get_config(stage: str, preset: str = "") -> ml_collections.ConfigDict:
@@ -172,7 +214,7 @@ def get_config(stage: str, preset: str = "") -> ml_collections.ConfigDict:
   _shared(c)
   if stage != "sft":
     c.sft_checkpoint = ""  # a finished SFT folder (W/sft) to start from instead of training
-  if stage in RL_STAGES:
+  if stage not in ("sft", "rm"):
     c.rm_checkpoint = ""  # a finished RM folder (W/rm)
   # A stage to train again although the workdir holds a finished or interrupted run of it:
   # its folder and the later stages' are moved aside (<stage>.old-N), nothing is deleted.
@@ -215,11 +257,20 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
       c.ppo.update(num_iterations=6, ppo_epochs=2, num_minibatches=2)
       c.ppo.optim.learning_rate = 1e-4
       c.ppo.train.update(checkpoint_every=3, sample_every=3)
-    if "grpo" in c:
-      c.grpo.data.update(num_train_prompts=128, num_eval_prompts=32, batch_size=8)
-      c.grpo.update(num_iterations=6, num_generations=4)
-      c.grpo.optim.learning_rate = 1e-4
-      c.grpo.train.update(checkpoint_every=3, sample_every=3)
+    for name in GROUP_STAGES:
+      if name in c:
+        c[name].data.update(num_train_prompts=128, num_eval_prompts=32,
+                            batch_size=32 // c[name].num_generations)
+        c[name].update(num_iterations=6)
+        c[name].optim.learning_rate = 1e-4
+        c[name].train.update(checkpoint_every=3, sample_every=3)
+    if "dpo" in c:
+      c.dpo.data.update(batch_size=16, num_eval_prompts=32)
+      c.dpo.optim.update(warmup_steps=2, decay_steps=12)
+      c.dpo.train.update(num_steps=12, log_every=4, eval_every=6, checkpoint_every=6)
+    if "best_of_n" in c:
+      c.best_of_n.data.update(num_eval_prompts=32, batch_size=8)
+      c.best_of_n.n = (1, 2, 4)
   elif preset == "moe":  # The default run with a sparse MoE FFN in every other layer.
     # Dropless routing: PPO's one-token decode steps must give the log-probs of the full
     # forward, which capacity-based dropping cannot promise.

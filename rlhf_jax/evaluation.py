@@ -9,12 +9,16 @@ gold reward reads the decoded texts.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from absl import logging
 
 from rlhf_jax import artifacts, sampling, sharding
 from rlhf_jax.data import batching
+from rlhf_jax.models.heads import response_logits
+from rlhf_jax.rl import core
 from rlhf_jax.fileio import write_json
 
 
@@ -44,11 +48,11 @@ def finish(config, stage: str, runner, last: dict[str, float], summary: dict[str
   """Completes `summary` (final KL, the RM's held-out accuracy), writes it as the stage's last
   metrics row and, with the last iteration's metrics, as its `summary.json` (what a rerun
   reports); closes the runner; returns the final metrics."""
-  summary["final/kl"] = last.get("objective/kl", float("nan"))
+  summary.setdefault("final/kl", last.get("objective/kl", float("nan")))
   for key in ("eval_accuracy", "eval_gold_agreement"):
     if key in (rm_metrics or {}):
       summary[f"rm/{key}"] = rm_metrics[key]
-  runner.writer.write(config[stage].num_iterations, summary)
+  runner.writer.write(runner.loop.num_steps, summary)
   runner.close()
   final = {**last, **summary}
   out_dir = artifacts.stage_dir(workdir, stage)
@@ -77,3 +81,29 @@ def held_out_summary(config, stage: str, policy: artifacts.Policy, trained_param
       out[f"final/{name}_gold_reward"] = float(np.mean(
           [prompts.task.gold_reward(q, a) for q, a in zip(prompts.eval, samples.texts)]))
   return out
+
+
+def _response_logps(graphdef, params, seq, seq_mask, n: int, temperature: float):
+  logits = response_logits(artifacts.eval_model(graphdef, params), seq, seq_mask, n)
+  return core.token_logprobs(logits, seq[:, -n:], temperature) * seq_mask[:, -n:]
+
+
+def sampled_kl(config, policy: artifacts.Policy, params, sampler, prompts, mesh,
+               batch_size: int) -> float:
+  """KL(pi || ref) in nats per response, estimated on pi's own samples of `prompts` with
+  `ref` the SFT policy (for a stage whose training does not measure it, e.g. DPO): the mean
+  over samples of the per-token k3 estimator summed over the response, unbiased and never
+  negative (k1, log pi - log ref, is unbiased too but a few hundred samples of a policy near
+  the reference gave negative means)."""
+  samples = sampling.sample_prompts(sampler, params, policy.tokenizer, prompts, mesh,
+                                    config.data.max_prompt_len, batch_size,
+                                    jax.random.PRNGKey(config.seed + 7))
+  n = samples.tokens.shape[1]
+  logps = jax.jit(functools.partial(_response_logps, policy.graphdef, n=n,
+                                    temperature=config.sampling.temperature))
+  arrays = {"seq": samples.seq, "seq_mask": samples.seq_mask}
+  kl = sharding.for_each_batch(
+      lambda _, b: core.kl_k3(logps(params, b["seq"], b["seq_mask"])
+                              - logps(policy.params, b["seq"], b["seq_mask"])).sum(axis=1),
+      arrays, batch_size, mesh)
+  return float(np.mean(np.concatenate(kl)[:len(prompts)], dtype=np.float64))

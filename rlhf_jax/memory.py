@@ -48,7 +48,6 @@ from rlhf_jax import config as config_lib, scale, sharding
 from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, ValueModel
 
 GIB = 1024 ** 3
-MODELLED_STAGES = ("sft", "rm", "ppo")  # stages `estimate` models
 
 
 @dataclasses.dataclass
@@ -168,9 +167,10 @@ class _Activations:
     logits = t if logit_positions is None else logit_positions
     return rows * (t * self.per_token_layer(t) + logits * self.logits_per_token())
 
-  def generate(self, batch: int, prompt_len: int, new_tokens: int) -> float:
+  def generate(self, batch: int, prompt_len: int, new_tokens: int, samples: int = 1) -> float:
+    """`samples` responses to each of `batch` prompts: one prefill, its cache repeated."""
     c = self.cfg
-    rows, t = self.local_rows(batch), prompt_len + new_tokens
+    rows, t = self.local_rows(batch * samples), prompt_len + new_tokens
     cache = 2 * c.num_layers * rows * t * c.num_kv_heads * c.resolved_head_dim * self.dt / self.tp
     return cache + self.forward(batch, prompt_len, 1)  # + the prefill (last position's logits)
 
@@ -181,6 +181,162 @@ def _trained(name: str, param_bytes: float, accum: int) -> list[Part]:
   if accum > 1:
     parts.append(Part(f"{name} grad accumulator", param_bytes))
   return parts
+
+
+@dataclasses.dataclass
+class _Stage:
+  """What one stage's model reads (the network shape, the mesh, the shared lengths, the
+  stage's section) and the parts it adds."""
+  config: ml_collections.ConfigDict
+  name: str
+  mesh: dict[str, int]
+  model_cfg: TransformerConfig
+  act: _Activations
+  resident: list[Part] = dataclasses.field(default_factory=list)
+  phases: list[Part] = dataclasses.field(default_factory=list)
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  @property
+  def section(self):
+    return self.config[self.name]
+
+  @property
+  def accum(self) -> int:
+    return self.section.optim.grad_accum_steps
+
+  @property
+  def prompt_len(self) -> int:
+    return self.config.data.max_prompt_len
+
+  @property
+  def completion_len(self) -> int:
+    return self.config.data.max_completion_len
+
+  @property
+  def seq_len(self) -> int:
+    return self.prompt_len + self.completion_len
+
+  def params(self, network: str, model_cls=PolicyModel) -> float:
+    """Bytes per device of `network`'s parameters (counted under that name)."""
+    per_device, count = network_params(model_cls, self.model_cfg, self.mesh)
+    self.counts[network] = count
+    return per_device
+
+  def trained(self, network: str, model_cls=PolicyModel) -> None:
+    self.resident += _trained(network, self.params(network, model_cls), self.accum)
+
+  def frozen(self, label: str, network: str, model_cls=PolicyModel) -> None:
+    self.resident.append(Part(f"{label} params (frozen)", self.params(network, model_cls)))
+
+  def reward_model(self) -> bool:
+    """The frozen RM, where the stage scores with it (`<stage>.reward == "model"`)."""
+    if self.section.reward != "model":
+      return False
+    self.frozen("reward model", "reward model", RewardModel)
+    return True
+
+  def phase(self, label: str, nbytes: float) -> None:
+    self.phases.append(Part(label, nbytes))
+
+  def sampling(self, label: str, prompts: int, samples: int = 1) -> None:
+    """Generation of `samples` responses to each of `prompts` prompts."""
+    what = f"{prompts} prompts" + (f" x {samples}" if samples > 1 else "")
+    self.phase(f"{label} ({what}: KV cache + prefill)",
+               self.act.generate(prompts, self.prompt_len, self.completion_len, samples))
+
+  def policy_train_step(self, rows: int, logit_positions: int | None = None,
+                        critic: bool = False) -> None:
+    """A train step of the policy (+ a full critic) on `rows` sequences per micro-batch."""
+    t = self.seq_len
+    nbytes = self.act.train(rows, t, logit_positions)
+    if critic:
+      nbytes += self.act.train(rows, t, 0)
+    self.phase(f"train step activations ({rows} rows x {t})", nbytes)
+
+
+def _sft_stage(s: _Stage) -> None:
+  bs, t = s.section.data.batch_size, s.seq_len
+  s.trained("policy")
+  s.policy_train_step(bs // s.accum, min(t - 1, s.model_cfg.ce_chunk_len or t))
+  s.sampling("eval sampling", bs)
+
+
+def _rm_stage(s: _Stage) -> None:
+  d = s.section.data
+  s.trained("reward model", RewardModel)
+  s.frozen("SFT policy", "policy")
+  s.policy_train_step(2 * d.batch_size // s.accum, 0)  # chosen and rejected in one forward
+  s.sampling("preference sampling", d.generation_batch_size)
+
+
+def _online_rl(s: _Stage, prompts: int, samples: int, minibatch: int, scalar_networks: int,
+               critic_train: bool) -> None:
+  """PPO's and the group stages' iteration: a rollout of `samples` responses per prompt; the
+  experience forward (policy and reference logits on the response, alive together, plus
+  `scalar_networks` scalar-headed ones: critic, RM); the train step on `minibatch` rows per
+  micro-batch."""
+  rows, t, c = prompts * samples, s.seq_len, s.completion_len
+  s.sampling("rollout", prompts, samples)
+  s.phase(f"experience forward ({rows} x {t}, {2 + scalar_networks} networks)",
+          2 * s.act.forward(rows, t, c) + scalar_networks * s.act.forward(rows, t, 0))
+  s.policy_train_step(minibatch, c, critic=critic_train)
+
+
+def _ppo_stage(s: _Stage) -> None:
+  p = s.section
+  critic_full = p.critic in ("reward", "sft")
+  critic_b, s.counts["critic"] = network_params(
+      ValueModel if critic_full else _ValueHeadOnly, s.model_cfg, s.mesh)
+  s.trained("policy")
+  s.resident += _trained("critic", critic_b, s.accum)
+  s.frozen("reference policy", "policy")
+  has_rm = s.reward_model()
+  b = p.data.batch_size
+  _online_rl(s, b, 1, b // p.num_minibatches // s.accum, 1 + has_rm, critic_full)
+
+
+def _group_stage(s: _Stage) -> None:
+  """GRPO, RLOO, REINFORCE++: PPO's iteration without a critic, G samples per prompt (the
+  prompt's KV cache prefilled once and repeated)."""
+  g = s.section
+  s.trained("policy")
+  s.frozen("reference policy", "policy")
+  has_rm = s.reward_model()
+  b, n = g.data.batch_size, g.num_generations
+  _online_rl(s, b, n, group_micro_batch(g), int(has_rm), False)
+
+
+def _dpo_stage(s: _Stage) -> None:
+  """The policy's train step on chosen + rejected (logits on the response); the reference's
+  log-probs of every pair once at the start (no gradients); held-out samples at the end."""
+  bs, t, c = s.section.data.batch_size, s.seq_len, s.completion_len
+  s.trained("policy")
+  s.frozen("reference policy", "policy")
+  s.reward_model()  # loaded for the summary's RM score
+  s.phase(f"reference log-probs forward ({2 * bs} x {t})", s.act.forward(2 * bs, t, c))
+  s.policy_train_step(2 * bs // s.accum, c)
+  s.sampling("held-out sampling", bs)
+
+
+def _best_of_n_stage(s: _Stage) -> None:
+  """Nothing trained: max(n) samples of the SFT policy per prompt, each scored."""
+  g = s.section
+  b, n = g.data.batch_size, max(g.n)
+  s.frozen("SFT policy", "policy")
+  s.sampling("sampling", b, n)
+  if s.reward_model():
+    s.phase(f"reward model forward ({b * n} x {s.seq_len})", s.act.forward(b * n, s.seq_len, 0))
+
+
+_STAGE_MODELS = {"sft": _sft_stage, "rm": _rm_stage, "ppo": _ppo_stage,
+                 **{name: _group_stage for name in config_lib.GROUP_STAGES},
+                 "dpo": _dpo_stage, "best_of_n": _best_of_n_stage}
+MODELLED_STAGES = tuple(_STAGE_MODELS)  # stages `estimate` models: every one of STAGES
+
+
+def group_micro_batch(g) -> int:
+  """Rows of a group stage's micro-batch: B x G responses / minibatches / micro-batches."""
+  return g.data.batch_size * g.num_generations // g.num_minibatches // g.optim.grad_accum_steps
 
 
 def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -195,59 +351,13 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   mesh = resolve_mesh(config.mesh, num_devices)
   # The shared model decides the network shape of every stage (RM and critic reuse it).
   model_cfg, vocab_source = _model_config(config)
-  act = _Activations(model_cfg, mesh)
-  d = config.data  # the shared lengths
-  s = config[stage]  # the stage's batch sizes and micro-batches
-  t = d.max_prompt_len + d.max_completion_len
-  accum = s.optim.grad_accum_steps
-  policy_b, policy_n = network_params(PolicyModel, model_cfg, mesh)
-  counts = {"policy": policy_n}
+  s = _Stage(config, stage, mesh, model_cfg, _Activations(model_cfg, mesh))
+  _STAGE_MODELS[stage](s)
   notes = [f"vocab {model_cfg.vocab_size} ({vocab_source})"]
-  resident, phases = [], []
-  if stage == "sft":
-    bs = s.data.batch_size
-    resident += _trained("policy", policy_b, accum)
-    phases.append(Part(f"train step activations ({bs // accum} rows x {t})",
-                       act.train(bs // accum, t, min(t - 1, model_cfg.ce_chunk_len or t))))
-    phases.append(Part("eval sampling (KV cache + prefill)",
-                       act.generate(bs, d.max_prompt_len, d.max_completion_len)))
-  elif stage == "rm":
-    rm_b, rm_n = network_params(RewardModel, model_cfg, mesh)
-    counts["reward model"] = rm_n
-    resident += _trained("reward model", rm_b, accum)
-    resident.append(Part("SFT policy params (frozen)", policy_b))
-    rows = 2 * s.data.batch_size // accum  # chosen and rejected in one forward
-    phases.append(Part(f"train step activations ({rows} rows x {t})",
-                       act.train(rows, t, logit_positions=0)))
-    phases.append(Part("preference sampling (KV cache + prefill)",
-                       act.generate(s.data.generation_batch_size, d.max_prompt_len,
-                                    d.max_completion_len)))
-  else:
-    p = config.ppo
-    critic_full = p.critic in ("reward", "sft")
-    critic_b, critic_n = network_params(ValueModel if critic_full else _ValueHeadOnly,
-                                        model_cfg, mesh)
-    counts["critic"] = critic_n
-    resident += _trained("policy", policy_b, accum) + _trained("critic", critic_b, accum)
-    resident.append(Part("reference policy params (frozen)", policy_b))
-    if p.reward == "model":
-      rm_b, rm_n = network_params(RewardModel, model_cfg, mesh)
-      counts["reward model"] = rm_n
-      resident.append(Part("reward model params (frozen)", rm_b))
-    b = p.data.batch_size
-    mb = b // p.num_minibatches // accum
-    phases.append(Part(f"rollout ({b} prompts: KV cache + prefill)",
-                       act.generate(b, d.max_prompt_len, d.max_completion_len)))
-    # Policy and reference logits (on the response only) are alive together; critic and RM
-    # have scalar heads.
-    c = d.max_completion_len
-    experience = 2 * act.forward(b, t, c) + (1 + (p.reward == "model")) * act.forward(b, t, 0)
-    phases.append(Part(f"experience forward ({b} x {t}, 4 networks)", experience))
-    train = act.train(mb, t, c) + (act.train(mb, t, 0) if critic_full else 0)
-    phases.append(Part(f"train step activations ({mb} rows x {t})", train))
   if model_cfg.moe.num_experts:
     notes.append("MoE: expert weights exact, activations counted as a dense FFN")
-  return Estimate(stage, mesh, resident, phases, counts, notes)
+  counts = dict(sorted(s.counts.items(), key=lambda kv: kv[0] != "policy"))  # policy first
+  return Estimate(stage, mesh, s.resident, s.phases, counts, notes)
 
 
 class _ValueHeadOnly(nnx.Module):

@@ -1,5 +1,8 @@
-"""The only place that chains stages: SFT -> preference data -> RM -> PPO or GRPO, up to
-`config.stage`.
+"""The only place that chains stages, up to `config.stage`:
+
+    SFT -> preference pairs -> RM -> PPO | GRPO | RLOO | REINFORCE++ | best-of-N
+    SFT -> preference pairs (-> RM, for its score) -> DPO
+
 
 Each stage takes artifacts (a policy, a reward function, a tokenizer, records) and the one
 config, and returns artifacts; no stage module imports another. Before anything runs, the
@@ -22,7 +25,7 @@ from absl import logging
 
 from rlhf_jax import artifacts, config as config_lib, sharding, stage_settings, validate
 from rlhf_jax.data import records as records_lib, tasks
-from rlhf_jax.stages import grpo, ppo, preferences, rm, sft
+from rlhf_jax.stages import best_of_n, dpo, grpo, ppo, preferences, rm, sft
 
 
 @dataclasses.dataclass
@@ -70,9 +73,15 @@ def run(config, workdir: str | None, mesh=None, keep_states: bool = False) -> Re
                        "RM from this SFT run (same workdir) or pass matching checkpoints.")
   if _finished(config, workdir, stage, f"{stage} run", out):
     return out
-  run_stage = {"ppo": ppo.run, "grpo": grpo.run}[stage]
-  result = run_stage(config, out.policy, out.reward, records_lib.load_prompts(config, stage),
-                     mesh, workdir, rm_metrics)
+  if stage == "dpo":
+    prefs, task = _preferences(config, workdir, mesh, out, "dpo")
+    result = dpo.run(config, out.policy, out.reward, prefs, task, mesh, workdir, rm_metrics)
+  elif stage == "best_of_n":
+    result = best_of_n.run(config, out.policy, out.reward, mesh, workdir, rm_metrics)
+  else:
+    run_stage = ppo.run if stage == "ppo" else grpo.run
+    result = run_stage(config, out.policy, out.reward, records_lib.load_prompts(config, stage),
+                       mesh, workdir, rm_metrics)
   out.add(stage, result)
   return out
 
@@ -85,7 +94,7 @@ def _finished(config, workdir: str | None, stage: str, what: str, out: Result) -
   path = config.get(f"{stage}_checkpoint", "")
   own = artifacts.stage_dir(workdir, stage)
   num_steps = config[stage].num_iterations if stage in config_lib.RL_STAGES else (
-      config[stage].train.num_steps)
+      config[stage].train.get("num_steps"))  # best-of-N trains nothing: its summary suffices
   if not path and artifacts.finished(own, num_steps):
     stage_settings.check(own, config, stage)
     path = own
@@ -126,13 +135,18 @@ def _reward(config, workdir, mesh, out: Result):
   path = _finished(config, workdir, "rm", "reward model", out)
   if path:
     return artifacts.load_reward_model(path, mesh), out.metrics
-  if records_lib.uses_files(config.rm.data):
-    train, evals, names, _ = records_lib.load_records(config, "rm", "preference", "")
-    prefs, task = preferences.PreferenceData(train, evals, names), None
-  else:
-    task = tasks.get_task(config.data.task)
-    prefs = preferences.run(config, task, out.policy, mesh, workdir)
+  prefs, task = _preferences(config, workdir, mesh, out, "rm")
   result = rm.run(config, out.policy, prefs, task, mesh, workdir)
   out.add("rm", result)
   return result.reward, result.metrics
 
+
+def _preferences(config, workdir, mesh, out: Result, stage: str):
+  """(PreferenceData, task or None) for `stage`: its own preference JSONL, else the RM
+  stage's files, else pairs generated from the SFT policy (reused from `<workdir>/rm`)."""
+  for name in (stage, "rm"):
+    if records_lib.uses_files(config[name].data):
+      train, evals, names, _ = records_lib.load_records(config, name, "preference", "")
+      return preferences.PreferenceData(train, evals, names), None
+  task = tasks.get_task(config.data.task)
+  return preferences.run(config, task, out.policy, mesh, workdir), task

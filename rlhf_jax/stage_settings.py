@@ -28,8 +28,11 @@ _SHARED = {
     "ppo": ("seed", "init_from", "model", "tokenizer", "data", "sampling", "sft_checkpoint",
             "rm_checkpoint"),
 }
-_SHARED["grpo"] = _SHARED["ppo"]
-_UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm"), "grpo": ("sft", "rm")}
+_UPSTREAM = {"sft": (), "rm": ("sft",)}
+for _stage in ("grpo", "rloo", "reinforce_pp", "dpo", "best_of_n"):
+  _SHARED[_stage] = _SHARED["ppo"]
+for _stage in _SHARED:
+  _UPSTREAM.setdefault(_stage, ("sft", "rm"))
 _WATCHING = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
              "num_samples_shown", "sample_every", "num_steps")
 

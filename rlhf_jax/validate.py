@@ -35,15 +35,21 @@ def check(config) -> None:
   _choice("retrain", config.retrain, ("",) + config_lib.stages_of(config))
   _check_shared(config)
   for name in config_lib.stages_of(config):
-    _check_optim(f"{name}.optim", config[name].optim)
+    if "optim" in config[name]:
+      _check_optim(f"{name}.optim", config[name].optim)
     _check_train(f"{name}.train", config[name].train)
   _check_sft(config)
   if "rm" in config:
     _check_rm(config)
   if "ppo" in config:
     _check_ppo(config)
-  if "grpo" in config:
-    _check_grpo(config)
+  for name in config_lib.GROUP_STAGES:
+    if name in config:
+      _check_group(config, name)
+  if "dpo" in config:
+    _check_dpo(config)
+  if "best_of_n" in config:
+    _check_best_of_n(config)
 
 
 def _check_shared(config) -> None:
@@ -179,34 +185,70 @@ def _check_rl_common(config, stage: str) -> None:
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
 
-def _check_grpo(config) -> None:
-  g = config.grpo
-  _choice("grpo.reward", g.reward, ("model", "gold"))
-  _choice("grpo.advantage_estimator", g.advantage_estimator, GROUP_ESTIMATORS)
+def _check_group(config, stage: str) -> None:
+  g = config[stage]
+  _choice(f"{stage}.reward", g.reward, ("model", "gold"))
+  _choice(f"{stage}.advantage_estimator", g.advantage_estimator, GROUP_ESTIMATORS)
   core.KL_ESTIMATORS.check(g.kl_estimator)
   if g.kl_loss_estimator not in core.KL_ESTIMATORS:
-    raise ValueError(f"grpo.kl_loss_estimator is {g.kl_loss_estimator!r}; choose one of "
+    raise ValueError(f"{stage}.kl_loss_estimator is {g.kl_loss_estimator!r}; choose one of "
                      f"{core.KL_ESTIMATORS.names()}.")
   losses.POLICY_LOSSES.check(g.policy_loss)
-  _choice("grpo.loss_aggregation", g.loss_aggregation, losses.AGGREGATIONS)
+  _choice(f"{stage}.loss_aggregation", g.loss_aggregation, losses.AGGREGATIONS)
   if g.advantage_estimator in ("grpo", "rloo") and g.num_generations < 2:
-    raise ValueError(f"grpo.num_generations is {g.num_generations}: a group of one sample has "
-                     f"no baseline ({g.advantage_estimator} advantages would all be 0); use >= 2.")
+    raise ValueError(f"{stage}.num_generations is {g.num_generations}: a group of one sample "
+                     f"has no baseline ({g.advantage_estimator} advantages would all be 0); "
+                     "use >= 2.")
   if g.reward == "gold" and (g.data.prompts_path or config.rm_checkpoint):
-    raise ValueError("grpo.reward='gold' scores with a bundled task: unset "
-                     "grpo.data.prompts_path and rm_checkpoint, or use grpo.reward='model'.")
+    raise ValueError(f"{stage}.reward='gold' scores with a bundled task: unset "
+                     f"{stage}.data.prompts_path and rm_checkpoint, or use "
+                     f"{stage}.reward='model'.")
   if g.data.prompts_path and not g.data.eval_prompts_path:
-    raise ValueError("grpo.data.prompts_path is set but grpo.data.eval_prompts_path is not.")
+    raise ValueError(f"{stage}.data.prompts_path is set but {stage}.data.eval_prompts_path "
+                     "is not.")
   for key in ("num_iterations", "ppo_epochs", "num_minibatches", "num_generations"):
-    _positive(f"grpo.{key}", g[key])
-  _positive("grpo.data.batch_size", g.data.batch_size)
+    _positive(f"{stage}.{key}", g[key])
+  _positive(f"{stage}.data.batch_size", g.data.batch_size)
   rows = g.data.batch_size * g.num_generations
   if rows % g.num_minibatches:
-    raise ValueError(f"grpo: {rows} responses per iteration (data.batch_size x num_generations) "
-                     f"must divide by grpo.num_minibatches {g.num_minibatches}.")
-  _check_batch("grpo minibatch", rows // g.num_minibatches, g.optim.grad_accum_steps,
-               "grpo.optim.grad_accum_steps")
-  _check_rl_common(config, "grpo")
+    raise ValueError(f"{stage}: {rows} responses per iteration (data.batch_size x "
+                     f"num_generations) must divide by {stage}.num_minibatches "
+                     f"{g.num_minibatches}.")
+  _check_batch(f"{stage} minibatch", rows // g.num_minibatches, g.optim.grad_accum_steps,
+               f"{stage}.optim.grad_accum_steps")
+  _check_rl_common(config, stage)
+
+
+def _check_dpo(config) -> None:
+  d = config.dpo
+  losses.PREFERENCE_LOSSES.check(d.loss_type)
+  _choice("dpo.reward", d.reward, ("model", "none"))
+  _check_files("dpo.data", d.data)
+  _positive("dpo.beta", d.beta)
+  if not 0 <= d.label_smoothing < 0.5:
+    raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}.")
+  if d.label_smoothing and d.loss_type != "dpo":
+    raise ValueError(f"dpo.label_smoothing (cDPO) applies to dpo.loss_type='dpo', not "
+                     f"{d.loss_type!r}; set it to 0.")
+  if d.reward == "none" and config.rm_checkpoint:
+    raise ValueError("dpo.reward='none' trains no RM, but rm_checkpoint is set; unset one.")
+  _check_batch("dpo.data.batch_size", d.data.batch_size, d.optim.grad_accum_steps,
+               "dpo.optim.grad_accum_steps")
+  _positive("dpo.train.num_steps", d.train.num_steps)
+
+
+def _check_best_of_n(config) -> None:
+  b = config.best_of_n
+  _choice("best_of_n.reward", b.reward, ("model", "gold"))
+  n = tuple(b.n)
+  if not n or any(not isinstance(k, int) or k < 1 for k in n) or list(n) != sorted(set(n)):
+    raise ValueError(f"best_of_n.n must be increasing positive integers, e.g. (1, 2, 4, 8); "
+                     f"got {n!r}.")
+  if b.reward == "gold" and (b.data.eval_prompts_path or config.rm_checkpoint):
+    raise ValueError("best_of_n.reward='gold' ranks with a bundled task's gold reward: unset "
+                     "best_of_n.data.eval_prompts_path and rm_checkpoint.")
+  _positive("best_of_n.data.batch_size", b.data.batch_size)
+  _positive("best_of_n.data.num_eval_prompts", b.data.num_eval_prompts)
 
 
 def _check_ppo_network(num_experts, dropless, router_jitter, where: str) -> None:
@@ -228,7 +270,7 @@ def check_artifacts(config) -> None:
       if not os.path.exists(os.path.join(path, name)):
         raise FileNotFoundError(f"{key}={path}: no {name}; expected the "
                                 f"'{key.split('_')[0]}' folder of a finished run.")
-  if "ppo" in config and config.sft_checkpoint:
+  if any(s in config for s in config_lib.RL_STAGES) and config.sft_checkpoint:
     from rlhf_jax import artifacts  # pylint: disable=g-import-not-at-top
     m = artifacts.read_model_config(config.sft_checkpoint).moe
     _check_ppo_network(m.num_experts, m.dropless, m.router_jitter,
@@ -245,12 +287,19 @@ def check_mesh(config, mesh) -> None:
   if "rm" in config:
     sizes += [("rm.data.batch_size", config.rm.data.batch_size),
               ("rm.data.generation_batch_size", config.rm.data.generation_batch_size)]
-  if "grpo" in config:
-    g = config.grpo
-    sizes += [("grpo.data.batch_size", g.data.batch_size),
-              ("grpo minibatch (grpo.data.batch_size x num_generations / num_minibatches / "
-               "grpo.optim.grad_accum_steps)", g.data.batch_size * g.num_generations
-               // g.num_minibatches // g.optim.grad_accum_steps)]
+  for name in config_lib.GROUP_STAGES:
+    if name in config:
+      g = config[name]
+      sizes += [(f"{name}.data.batch_size", g.data.batch_size),
+                (f"{name} minibatch ({name}.data.batch_size x num_generations / "
+                 f"num_minibatches / {name}.optim.grad_accum_steps)",
+                 g.data.batch_size * g.num_generations // g.num_minibatches
+                 // g.optim.grad_accum_steps)]
+  if "dpo" in config:
+    sizes += [("dpo.data.batch_size / dpo.optim.grad_accum_steps",
+               config.dpo.data.batch_size // config.dpo.optim.grad_accum_steps)]
+  if "best_of_n" in config:
+    sizes += [("best_of_n.data.batch_size", config.best_of_n.data.batch_size)]
   if "ppo" in config:
     p = config.ppo
     sizes += [("ppo.data.batch_size", p.data.batch_size),

@@ -1,4 +1,5 @@
-"""Tests of the data plumbing: SentencePiece tokenizer, JSONL sources, TFDS array_record.
+"""Tests of the data plumbing: SentencePiece tokenizer, JSONL sources, TFDS array_record,
+and the bundled arithmetic task.
 
 Everything runs offline on small synthetic corpora in temporary folders. Round trips are
 checked for exact equality: text -> ids -> text, and JSONL -> array_record -> records.
@@ -22,6 +23,7 @@ import tensorflow_datasets as tfds
 from rlhf_jax import fileio
 from rlhf_jax.data import batching
 from rlhf_jax.data import sources
+from rlhf_jax.data import tasks
 from rlhf_jax.data import tfds_builder
 from rlhf_jax.data import tokenizer as tokenizer_lib
 
@@ -394,6 +396,104 @@ class MessagesNameTheThingTest(absltest.TestCase):
     with mock.patch.object(fileio.os, "fsync", side_effect=PermissionError(errno.EACCES, "no")):
       with self.assertRaises(PermissionError):
         fileio.write_json(os.path.join(self.dir, "x.json"), {})
+
+
+class ArithmeticTaskTest(parameterized.TestCase):
+
+  def test_registered(self):
+    task = tasks.get_task("arithmetic")
+    self.assertIsInstance(task, tasks.ArithmeticTask)
+    self.assertEqual(task.name, "arithmetic")
+    self.assertIn("arithmetic", tasks.TASKS)
+
+  def test_format_and_determinism(self):
+    task = tasks.ArithmeticTask()
+    records = task.sft_records(200, seed=3)
+    self.assertEqual(records, task.sft_records(200, seed=3))
+    self.assertEqual([{"prompt": r["prompt"]} for r in records], task.prompts(200, seed=3))
+    self.assertNotEqual(records, task.sft_records(200, seed=4))
+    self.assertNotEqual(task.prompts(50, 3, "train"), task.prompts(50, 3, "eval"))
+    for r in records:
+      a, b = r["prompt"][:-1].split("+")
+      self.assertRegex(r["prompt"], r"^[1-9]\d\+[1-9]\d=$")  # two-digit operands
+      self.assertEqual(r["completion"], f" {int(a) + int(b)}")  # leading space, as sort
+    self.assertEqual(list(task.corpus())[:3],
+                     [r["prompt"] + r["completion"] for r in task.sft_records(3, 0)])
+
+  @parameterized.parameters("+", "+-")
+  def test_splits_are_disjoint(self, ops):
+    task = tasks.ArithmeticTask(ops=ops)
+    train = {p["prompt"] for seed in range(3) for p in task.prompts(3000, seed, "train")}
+    held = {p["prompt"] for seed in range(3) for p in task.prompts(1000, seed, "eval")}
+    self.assertEmpty(train & held)
+    # Commuted sums share a split: "45+37=" is never trained on when "37+45=" is held out.
+    commuted = {"+".join(reversed(p[:-1].split("+"))) + "=" for p in held if "+" in p}
+    self.assertEmpty(train & commuted)
+    self.assertGreater(len(held), 400)  # about a tenth of the 8100 sums (or 8100 + 4095)
+    if ops == "+-":
+      self.assertTrue(any("-" in p for p in held))
+      for p in train:
+        if "-" in p:
+          a, b = map(int, p[:-1].split("-"))
+          self.assertGreaterEqual(a, b)  # answers are never negative
+
+  def test_exact_match_reward(self):
+    task = tasks.ArithmeticTask(min_digits=1, max_digits=3, ops="+-")
+    for r in task.sft_records(300, seed=0) + task.sft_records(100, seed=0, split="eval"):
+      self.assertEqual(task.gold_reward(r["prompt"], r["completion"]), 1.0)
+    self.assertEqual(task.gold_reward("37+45=", "82"), 1.0)
+    self.assertEqual(task.gold_reward("37+45=", " 82\n"), 1.0)
+    self.assertEqual(task.gold_reward("91-19=", " 72"), 1.0)
+    for wrong in (" 83", " 8", " 820", " 082", " 82 x", " 82+1", "", " eighty-two"):
+      self.assertEqual(task.gold_reward("37+45=", wrong), 0.0, wrong)
+
+  def test_partial_credit(self):
+    task = tasks.ArithmeticTask(partial_credit=True)
+    for completion, want in [(" 82", 1.0), (" 85", 0.5), (" 72", 0.5), (" 28", 0.0),
+                             (" 2", 0.5),  # units right, tens missing
+                             (" 182", 2 / 3), (" 082", 2 / 3),  # an extra digit
+                             (" 82 x", 0.5), ("= 85", 0.25),  # other text: halved
+                             (" 8", 0.0), ("", 0.0), (" x", 0.0)]:
+      self.assertAlmostEqual(task.gold_reward("37+45=", completion), want, msg=completion)
+    self.assertEqual(task.gold_reward("99+99=", " 198"), 1.0)
+    self.assertAlmostEqual(task.gold_reward("99+99=", " 98"), 2 / 3)
+
+  @parameterized.named_parameters(
+      ("zero_digits", dict(min_digits=0), "1 <= min_digits <= max_digits <= 9"),
+      ("min_over_max", dict(min_digits=3, max_digits=2), "got 3, 2"),
+      ("too_many_digits", dict(max_digits=10), "max_digits <= 9"),
+      ("float_digits", dict(max_digits=2.5), "integers"),
+      ("bad_op", dict(ops="*"), "ops is '\\*'"),
+      ("no_op", dict(ops=""), "ops is ''"),
+      ("twice", dict(ops="++"), "each once"),
+      ("partial_not_bool", dict(partial_credit="yes"), "partial_credit is 'yes'"),
+  )
+  def test_bad_constructor_args(self, kwargs, message):
+    with self.assertRaisesRegex(ValueError, f"^arithmetic task: .*{message}"):
+      tasks.ArithmeticTask(**kwargs)
+
+  def test_other_errors(self):
+    task = tasks.ArithmeticTask()
+    with self.assertRaisesRegex(ValueError, "split is 'test'; choose 'train' or 'eval'"):
+      task.prompts(1, 0, "test")
+    with self.assertRaisesRegex(ValueError, "'sort 1 2 =' is not a prompt like '37\\+45='"):
+      task.gold_reward("sort 1 2 =", " 3")
+    with self.assertRaisesRegex(ValueError, "bundled tasks are .*'arithmetic'"):
+      tasks.get_task("arith")
+
+  def test_one_digit_space_and_tokenizers(self):
+    task = tasks.ArithmeticTask(min_digits=1, max_digits=1)
+    prompts = {p["prompt"] for p in task.prompts(500, 0)}
+    self.assertIn("0+0=", prompts | {p["prompt"] for p in task.prompts(200, 0, "eval")})
+    # The completion is its own tokens after the prompt: byte and SentencePiece alike.
+    byte = tokenizer_lib.ByteTokenizer()
+    self.assertEqual(byte.decode(byte.encode(" 82")), " 82")
+    spm_path = tokenizer_lib.train_sentencepiece(
+        tasks.ArithmeticTask().corpus(), os.path.join(make_tempdir(self), "spm"), 300)
+    tok = tokenizer_lib.SentencePieceTokenizer(spm_path)
+    for r in tasks.ArithmeticTask().sft_records(20, 0):
+      self.assertEqual(tok.decode(tok.encode(r["prompt"])), r["prompt"])
+      self.assertEqual(tok.decode(tok.encode(r["completion"])), r["completion"])
 
 
 if __name__ == "__main__":

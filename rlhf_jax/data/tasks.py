@@ -8,6 +8,9 @@ functions of (split, seed); nothing is downloaded.
   the SFT completion is how the speech really goes on, and the gold reward of any
   continuation is its VADER compound sentiment in [-1, 1] (PyPI `vaderSentiment`, MIT).
 * `sort`: "sort 7 2 9 =" -> " 2 7 9"; an exact gold reward; trains in seconds (tests).
+* `arithmetic`: "37+45=" -> " 82"; a verifiable task: the gold reward is exact match (1 or
+  0; optionally partial credit per digit). Operand pairs are split into train and eval by a
+  hash of the pair, so held-out prompts are never trained on.
 """
 
 from __future__ import annotations
@@ -138,7 +141,113 @@ class SentimentTask:
     return float(self._vader.polarity_scores(completion)["compound"])
 
 
-TASKS = {"sort": SortTask, "sentiment": SentimentTask}
+class ArithmeticTask:
+  """Add (or subtract) two integers: "37+45=" -> " 82"; a verifiable reward.
+
+  Operands have `min_digits` .. `max_digits` digits (1 digit includes 0), so the default,
+  two-digit addition, has 90 * 90 = 8100 prompts. Subtraction (`ops="+-"`) puts the larger
+  operand first, so answers are never negative. Each pair is held out (eval) or not (train)
+  by a hash of the pair, commuted pairs ("45+37" and "37+45") together, about 1 in 10 held
+  out: the train and eval prompts never overlap, and held-out accuracy is honest. Prompts
+  are drawn with replacement from their split's pairs, deterministically in (split, seed).
+
+  Gold reward: 1.0 if `completion.strip()` is the answer, else 0.0. With
+  `partial_credit=True`, the first integer of the completion is compared digit by digit with
+  the answer, right-aligned (units with units, tens with tens, ...): the reward is the
+  number of matching digits over the longer of the two lengths, halved if the completion
+  holds anything besides that integer (and 0 if it holds no integer). So 1.0 still means an
+  exact match: for 82, " 82" earns 1, " 85" 0.5, " 182" 2/3, " 82 x" 0.5, " 8" 0.
+  """
+
+  name = "arithmetic"
+  OPS = "+-"
+  EVAL_PERCENT = 10  # share of operand pairs held out for the eval split
+
+  def __init__(self, min_digits: int = 2, max_digits: int = 2, ops: str = "+",
+               partial_credit: bool = False):
+    if not (isinstance(min_digits, int) and isinstance(max_digits, int)
+            and 1 <= min_digits <= max_digits <= 9):
+      raise ValueError("arithmetic task: need integers 1 <= min_digits <= max_digits <= 9, "
+                       f"got {min_digits!r}, {max_digits!r}.")
+    if not isinstance(ops, str) or not ops or any(o not in self.OPS for o in ops) or (
+        len(set(ops)) != len(ops)):
+      raise ValueError(f"arithmetic task: ops is {ops!r}; give one or both of '+' and '-', "
+                       "each once (e.g. '+' or '+-').")
+    if not isinstance(partial_credit, bool):
+      raise ValueError(f"arithmetic task: partial_credit is {partial_credit!r}; give True or "
+                       "False.")
+    self.min_digits, self.max_digits = min_digits, max_digits
+    self.ops, self.partial_credit = ops, partial_credit
+    self.low = 0 if min_digits == 1 else 10 ** (min_digits - 1)
+    self.high = 10 ** max_digits - 1
+    # A small space could leave a split empty; then sampling it would never end.
+    if (self.high - self.low + 1) ** 2 <= 10_000:
+      for split in ("train", "eval"):
+        if not any(self._split_of(a, op, b) == split for op in ops
+                   for a in range(self.low, self.high + 1) for b in range(self.low, a + 1)):
+          raise ValueError(f"arithmetic task: no {split} prompts with {max_digits}-digit "
+                           "operands; allow more digits.")
+
+  @staticmethod
+  def _split_of(a: int, op: str, b: int) -> str:
+    """'eval' for about EVAL_PERCENT % of the pairs, chosen by a hash; commuted sums agree."""
+    if op == "+":
+      a, b = max(a, b), min(a, b)
+    digest = hashlib.md5(f"{a}{op}{b}".encode()).digest()
+    return "eval" if int.from_bytes(digest[:4], "big") % 100 < ArithmeticTask.EVAL_PERCENT \
+        else "train"
+
+  def _problems(self, n: int, seed: int, split: str) -> list[tuple[int, str, int]]:
+    if split not in ("train", "eval"):
+      raise ValueError(f"arithmetic task: split is {split!r}; choose 'train' or 'eval'.")
+    rng = random.Random(f"arithmetic/{split}/{seed}")
+    out = []
+    while len(out) < n:
+      a, b = rng.randint(self.low, self.high), rng.randint(self.low, self.high)
+      op = rng.choice(self.ops)
+      if op == "-" and a < b:
+        a, b = b, a
+      if self._split_of(a, op, b) == split:
+        out.append((a, op, b))
+    return out
+
+  def prompts(self, n: int, seed: int, split: str = "train") -> list[dict[str, str]]:
+    return [{"prompt": f"{a}{op}{b}="} for a, op, b in self._problems(n, seed, split)]
+
+  def sft_records(self, n: int, seed: int, split: str = "train") -> list[dict[str, str]]:
+    # The leading space, as in sort: the completion is its own token(s) after the prompt.
+    return [{"prompt": f"{a}{op}{b}=", "completion": f" {a + b if op == '+' else a - b}"}
+            for a, op, b in self._problems(n, seed, split)]
+
+  def corpus(self) -> Iterator[str]:
+    for r in self.sft_records(2000, 0):
+      yield r["prompt"] + r["completion"]
+
+  @staticmethod
+  def answer(prompt: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([+-])\s*(\d+)\s*=\s*", prompt)
+    if m is None:
+      raise ValueError(f"arithmetic task: {prompt!r} is not a prompt like '37+45='.")
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    return a + b if op == "+" else a - b
+
+  def gold_reward(self, prompt: str, completion: str) -> float:
+    want = str(self.answer(prompt))
+    text = completion.strip()
+    if text == want:
+      return 1.0
+    if not self.partial_credit:
+      return 0.0
+    m = re.search(r"\d+", text)
+    if m is None:
+      return 0.0
+    got = m.group(0)
+    hits = sum(x == y for x, y in zip(reversed(got), reversed(want)))
+    score = hits / max(len(got), len(want))
+    return score if text == got else score / 2
+
+
+TASKS = {"sort": SortTask, "sentiment": SentimentTask, "arithmetic": ArithmeticTask}
 
 
 def get_task(name: str):

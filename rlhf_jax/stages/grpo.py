@@ -12,7 +12,8 @@ One iteration (`Iteration.__call__`):
   4. update      ppo_epochs (GRPO's mu) x num_minibatches steps of `policy_loss` (`grpo`: the
                  clipped ratio against the sampling policy, + kl_loss_coef * KL to the
                  reference, aggregated by `loss_aggregation`); no critic
-Reads `config.grpo` and the shared sections.
+The `grpo`, `rloo` and `reinforce_pp` stages all run here, each reading its own section
+(`config[stage]`, the defaults of its paper) and the shared sections.
 """
 
 from __future__ import annotations
@@ -105,9 +106,10 @@ class Iteration:
   """One iteration as `(state, ref_params, prompts, it) -> (state, metrics, texts)`."""
 
   def __init__(self, config, mesh, policy: artifacts.Policy, reward, tx, shardings,
-               gold_fn: Callable | None = None):
-    g = config.grpo
+               gold_fn: Callable | None = None, stage: str = "grpo"):
+    g = config[stage]
     self.config, self.mesh, self.reward, self.gold_fn = config, mesh, reward, gold_fn
+    self.section = g
     self.tok = policy.tokenizer
     self.hp = hp = rl_params(g, config.sampling.temperature)
     base = sampling.from_config(config.sampling, config.data.max_completion_len)
@@ -123,7 +125,7 @@ class Iteration:
                                   batch_sh, g.optim.grad_accum_steps))
 
   def _rollout(self, state, prompts, it):
-    g = self.config.grpo.num_generations
+    g = self.section.num_generations
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), it)
     b = sharding.shard_batch({k: prompts[k] for k in ("tokens", "mask")}, self.mesh)
     out = self.programs.sampler(state.params, b["tokens"], b["mask"], rng)
@@ -136,7 +138,7 @@ class Iteration:
     return batch, index, sampling.decode_rows(self.tok, tokens, mask), logprobs
 
   def _update(self, state, exp, it: int):
-    c = self.config.grpo
+    c = self.section
     n = len(exp["mask"])
     mb, rows = n // c.num_minibatches, []
     for epoch in range(c.ppo_epochs):
@@ -182,28 +184,31 @@ class Result:
 
 def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | None,
         rm_metrics: dict | None = None) -> Result:
-  """Trains the SFT `policy` against `reward` (None: the task's gold reward)."""
-  g = config.grpo
+  """Trains the SFT `policy` against `reward` (None: the task's gold reward) by the algorithm
+  of `config.stage` (grpo, rloo or reinforce_pp)."""
+  stage = config.stage
+  g = config[stage]
   copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))  # the SFT params stay the reference
   tx = optim.make_optimizer(g.optim)
   state, shardings = state_lib.create_train_state(copy(policy.params), tx, mesh)
   train_prompts = prompts.train
-  iterate = Iteration(config, mesh, policy, reward, tx, shardings, evaluation.gold_fn(prompts))
-  batches = evaluation.prompt_batches(config, "grpo", prompts, policy.tokenizer, mesh)
+  iterate = Iteration(config, mesh, policy, reward, tx, shardings, evaluation.gold_fn(prompts),
+                      stage)
+  batches = evaluation.prompt_batches(config, stage, prompts, policy.tokenizer, mesh)
 
   def step(it, state, prompt_batch):
     state, metrics, samples = iterate(state, policy.params, prompt_batch, it)
     if g.train.sample_every and (it % g.train.sample_every == 0 or it == 1):
       for i, text in samples[:g.train.num_samples_shown]:
-        logging.info("[grpo] sample | %s | %s", train_prompts[i], text)
+        logging.info("[%s] sample | %s | %s", stage, train_prompts[i], text)
     return state, metrics
 
-  runner = runner_lib.StageRunner("grpo", workdir, runner_lib.LoopConfig.from_section(
+  runner = runner_lib.StageRunner(stage, workdir, runner_lib.LoopConfig.from_section(
       g.train, num_steps=g.num_iterations))
   state, last = runner.run(step, state, batches, log_keys=LOG_KEYS)
   compiled = iterate.programs.compiled()
-  summary = evaluation.held_out_summary(config, "grpo", policy, state.params, reward,
+  summary = evaluation.held_out_summary(config, stage, policy, state.params, reward,
                                         iterate.programs.eval_sampler, iterate.programs.score,
                                         prompts, mesh, g.data.batch_size)
-  final = evaluation.finish(config, "grpo", runner, last, summary, rm_metrics, workdir)
+  final = evaluation.finish(config, stage, runner, last, summary, rm_metrics, workdir)
   return Result(final, state, compiled)
