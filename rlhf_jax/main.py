@@ -87,10 +87,7 @@ def _run(config, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   _use_compilation_cache(_COMPILATION_CACHE.value, workdir)
   logging.info("config:\n%s", config)
-  for stage in config_lib.stages_of(config):
-    if stage not in memory.MODELLED_STAGES:
-      logging.info("[%s] memory per device: no estimate for this stage yet", stage)
-      continue
+  for stage in config_lib.stages_of(config):  # memory.MODELLED_STAGES: every stage
     try:
       logging.info("%s", memory.report(memory.estimate(config, stage=stage)))
     except Exception as e:  # pylint: disable=broad-except

@@ -4,10 +4,18 @@ allocated.
 `estimate(config, stage=...)` reads the one config of the run: the network from the shared
 `model`, `tokenizer` and `init_from` (every stage's networks share that shape), sequence lengths
 from the shared `data`, the mesh from the one `mesh`, and batch sizes and micro-batches from the
-stage's own section (`<stage>.data`, `<stage>.optim`; PPO's keys from `ppo`).
+stage's own section (`<stage>.data`, `<stage>.optim`, and its algorithm's keys). Every stage
+of `rlhf_jax.config.STAGES` is modelled (`MODELLED_STAGES`), by the networks it holds:
+    sft          the policy, trained
+    rm           the reward model, trained; the SFT policy (preference sampling), frozen
+    ppo          policy and critic, trained; reference policy and RM (`ppo.reward="model"`)
+    grpo, rloo,  the policy, trained; reference policy and RM (`reward="model"`); no critic
+    reinforce_pp
+    dpo          the policy, trained; reference policy and RM (`dpo.reward="model"`, for the
+                 summary's score)
+    best_of_n    the SFT policy and RM (`reward="model"`), nothing trained
 
-For each network (PPO: the trained policy and critic, the frozen reference policy and reward
-model) the parameter bytes per device are exact: the model is built abstractly
+For each network the parameter bytes per device are exact: the model is built abstractly
 (`nnx.eval_shape`) and each parameter's shard shape follows from its logical axes, the
 rules table and the mesh, as `sharding.param_shardings` places it. Trained networks add
 gradients and AdamW's two moments (in the parameter dtype, as optax keeps them), plus a
@@ -21,13 +29,25 @@ and layer, bytes of the compute dtype unless noted:
     SwiGLU gate, up, silu(gate), product             4 F / tensor
     attention logits and weights (float32)            8 N T / tensor
 and float32 logits, log-softmax and their gradient, 12 V / tensor, at each position whose
-logits are read (SFT: all but the last, `model.ce_chunk_len` of them at a time; PPO: the
-response; sampling: the last prompt token). A training step keeps all layers for the backward pass; a forward-only pass (PPO
-experience, eval) one layer at a time plus its logits. Generation holds a KV cache of
-2 L T K H (compute dtype) per row. Phases do not overlap: the peak is the resident
-parameters/optimizer state plus the largest phase. MoE layers are counted as dense for
-activations; XLA's fusion decisions move the real figure by tens of percent, and
-`compiled_step_memory` reads XLA's own number for a jitted step when one is needed.
+logits are read (SFT: all but the last, `model.ce_chunk_len` of them at a time; PPO, the group
+stages and DPO: the response; sampling: the last prompt token). A training step keeps all
+layers for the backward pass; a forward-only pass (experience, DPO's reference log-probs, RM
+scores) one layer at a time plus its logits. Generation holds a KV cache of 2 L T K H
+(compute dtype) per row; G samples per prompt (group stages, best-of-N) prefill each prompt
+once and repeat its cache G times. The phases, per stage:
+    sft          train step (batch / micro-batches); eval sampling
+    rm           train step (2 x pairs / micro-batches); preference sampling
+    ppo, grpo,   rollout (B prompts x G samples; PPO G = 1); experience forward of the B G
+    rloo,        responses (policy and reference logits on the response, alive together,
+    reinforce_pp plus scalar-headed critic / RM); train step on B G / minibatches /
+                 micro-batches rows (PPO: + the critic's)
+    dpo          reference log-probs of 2 x batch (chosen + rejected) rows, once; train step
+                 on 2 x batch / micro-batches rows; held-out sampling of a batch of prompts
+    best_of_n    sampling (batch x max(n) rows); RM forward over them
+Phases do not overlap: the peak is the resident parameters/optimizer state plus the largest
+phase. MoE layers are counted as dense for activations; XLA's fusion decisions move the real
+figure by tens of percent, and `compiled_step_memory` reads XLA's own number for a jitted
+step when one is needed.
 """
 
 from __future__ import annotations
@@ -205,6 +225,11 @@ class _Stage:
     return self.section.optim.grad_accum_steps
 
   @property
+  def micro_batch(self) -> int:
+    """Rows (RM, DPO: pairs) of one forward/backward of the train step."""
+    return update_rows(self.config, self.name) // self.accum
+
+  @property
   def prompt_len(self) -> int:
     return self.config.data.max_prompt_len
 
@@ -244,9 +269,10 @@ class _Stage:
     self.phase(f"{label} ({what}: KV cache + prefill)",
                self.act.generate(prompts, self.prompt_len, self.completion_len, samples))
 
-  def policy_train_step(self, rows: int, logit_positions: int | None = None,
-                        critic: bool = False) -> None:
-    """A train step of the policy (+ a full critic) on `rows` sequences per micro-batch."""
+  def train_step(self, rows: int, logit_positions: int | None = None,
+                 critic: bool = False) -> None:
+    """A train step of the trained network (+ a full critic) on `rows` sequences per
+    micro-batch."""
     t = self.seq_len
     nbytes = self.act.train(rows, t, logit_positions)
     if critic:
@@ -255,44 +281,40 @@ class _Stage:
 
 
 def _sft_stage(s: _Stage) -> None:
-  bs, t = s.section.data.batch_size, s.seq_len
+  t = s.seq_len
   s.trained("policy")
-  s.policy_train_step(bs // s.accum, min(t - 1, s.model_cfg.ce_chunk_len or t))
-  s.sampling("eval sampling", bs)
+  s.train_step(s.micro_batch, min(t - 1, s.model_cfg.ce_chunk_len or t))
+  s.sampling("eval sampling", s.section.data.batch_size)
 
 
 def _rm_stage(s: _Stage) -> None:
-  d = s.section.data
   s.trained("reward model", RewardModel)
   s.frozen("SFT policy", "policy")
-  s.policy_train_step(2 * d.batch_size // s.accum, 0)  # chosen and rejected in one forward
-  s.sampling("preference sampling", d.generation_batch_size)
+  s.train_step(2 * s.micro_batch, 0)  # chosen and rejected in one forward
+  s.sampling("preference sampling", s.section.data.generation_batch_size)
 
 
-def _online_rl(s: _Stage, prompts: int, samples: int, minibatch: int, scalar_networks: int,
+def _online_rl(s: _Stage, prompts: int, samples: int, scalar_networks: int,
                critic_train: bool) -> None:
   """PPO's and the group stages' iteration: a rollout of `samples` responses per prompt; the
   experience forward (policy and reference logits on the response, alive together, plus
-  `scalar_networks` scalar-headed ones: critic, RM); the train step on `minibatch` rows per
-  micro-batch."""
+  `scalar_networks` scalar-headed ones: critic, RM); the train step on a micro-batch of a
+  minibatch."""
   rows, t, c = prompts * samples, s.seq_len, s.completion_len
   s.sampling("rollout", prompts, samples)
   s.phase(f"experience forward ({rows} x {t}, {2 + scalar_networks} networks)",
           2 * s.act.forward(rows, t, c) + scalar_networks * s.act.forward(rows, t, 0))
-  s.policy_train_step(minibatch, c, critic=critic_train)
+  s.train_step(s.micro_batch, c, critic=critic_train)
 
 
 def _ppo_stage(s: _Stage) -> None:
   p = s.section
   critic_full = p.critic in ("reward", "sft")
-  critic_b, s.counts["critic"] = network_params(
-      ValueModel if critic_full else _ValueHeadOnly, s.model_cfg, s.mesh)
   s.trained("policy")
-  s.resident += _trained("critic", critic_b, s.accum)
+  s.trained("critic", ValueModel if critic_full else _ValueHeadOnly)
   s.frozen("reference policy", "policy")
   has_rm = s.reward_model()
-  b = p.data.batch_size
-  _online_rl(s, b, 1, b // p.num_minibatches // s.accum, 1 + has_rm, critic_full)
+  _online_rl(s, p.data.batch_size, 1, 1 + has_rm, critic_full)
 
 
 def _group_stage(s: _Stage) -> None:
@@ -302,8 +324,7 @@ def _group_stage(s: _Stage) -> None:
   s.trained("policy")
   s.frozen("reference policy", "policy")
   has_rm = s.reward_model()
-  b, n = g.data.batch_size, g.num_generations
-  _online_rl(s, b, n, group_micro_batch(g), int(has_rm), False)
+  _online_rl(s, g.data.batch_size, g.num_generations, int(has_rm), False)
 
 
 def _dpo_stage(s: _Stage) -> None:
@@ -314,7 +335,7 @@ def _dpo_stage(s: _Stage) -> None:
   s.frozen("reference policy", "policy")
   s.reward_model()  # loaded for the summary's RM score
   s.phase(f"reference log-probs forward ({2 * bs} x {t})", s.act.forward(2 * bs, t, c))
-  s.policy_train_step(2 * bs // s.accum, c)
+  s.train_step(2 * s.micro_batch, c)
   s.sampling("held-out sampling", bs)
 
 
@@ -332,11 +353,6 @@ _STAGE_MODELS = {"sft": _sft_stage, "rm": _rm_stage, "ppo": _ppo_stage,
                  **{name: _group_stage for name in config_lib.GROUP_STAGES},
                  "dpo": _dpo_stage, "best_of_n": _best_of_n_stage}
 MODELLED_STAGES = tuple(_STAGE_MODELS)  # stages `estimate` models: every one of STAGES
-
-
-def group_micro_batch(g) -> int:
-  """Rows of a group stage's micro-batch: B x G responses / minibatches / micro-batches."""
-  return g.data.batch_size * g.num_generations // g.num_minibatches // g.optim.grad_accum_steps
 
 
 def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -377,18 +393,30 @@ def report(est: Estimate, device_bytes: float | None = None) -> str:
   nets = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in est.param_counts.items())
   lines = [f"[{est.stage}] memory per device (estimate; mesh {mesh}; {nets} parameters; "
            f"{'; '.join(est.notes)}):"]
+  w = max(42, *(len(p.name) for p in est.resident + est.phases))
   for p in est.resident:
-    lines.append(f"  {p.name:<42s} {_size(p.bytes)}")
+    lines.append(f"  {p.name:<{w}s} {_size(p.bytes)}")
   peak = est.peak_phase
   for p in est.phases:
-    lines.append(f"  {p.name:<42s} {_size(p.bytes)}{'  <- peak' if p is peak else ''}")
-  lines.append(f"  {'total (resident + peak phase)':<42s} {_size(est.total_bytes)}")
+    lines.append(f"  {p.name:<{w}s} {_size(p.bytes)}{'  <- peak' if p is peak else ''}")
+  lines.append(f"  {'total (resident + peak phase)':<{w}s} {_size(est.total_bytes)}")
   if device_bytes:
     verdict = "fits" if est.total_bytes <= 0.9 * device_bytes else (
-        f"DOES NOT FIT: add fsdp/tensor devices, raise {est.stage}.optim.grad_accum_steps, "
-        f"lower {est.stage}.data.batch_size or use model.param_dtype=bfloat16")
+        f"DOES NOT FIT: add fsdp/tensor devices, {_fix(est.stage)} "
+        "or use model.param_dtype=bfloat16")
     lines.append(f"  device memory {device_bytes / GIB:.1f} GiB: {verdict}")
   return "\n".join(lines)
+
+
+def _fix(stage: str) -> str:
+  """The stage's keys that shrink its activations."""
+  if stage == "best_of_n":
+    return f"lower {stage}.data.batch_size or max({stage}.n)"
+  minibatched = stage == "ppo" or stage in config_lib.GROUP_STAGES
+  return (f"raise {stage}.optim.grad_accum_steps"
+          + (f" or {stage}.num_minibatches" if minibatched else "")
+          + f", lower {stage}.data.batch_size"
+          + (f" or {stage}.num_generations" if stage in config_lib.GROUP_STAGES else ""))
 
 
 def _size(n: float) -> str:
@@ -407,33 +435,61 @@ def compiled_step_memory(step_fn, *abstract_args) -> dict[str, int]:
 DATA_PARALLEL = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.expert": 1}
 
 
+def update_rows(cfg, stage: str) -> int | None:
+  """Rows of one optimizer update of `stage`, which its `grad_accum_steps` micro-batches
+  split (RM and DPO: preference pairs); None where nothing is trained (best-of-N)."""
+  s = cfg[stage]
+  if "optim" not in s:
+    return None
+  if stage == "ppo":
+    return s.data.batch_size // s.num_minibatches
+  if stage in config_lib.GROUP_STAGES:
+    return s.data.batch_size * s.num_generations // s.num_minibatches
+  return s.data.batch_size
+
+
 def accum_keys(cfg) -> list[str]:
-  """The micro-batch key of every stage a run of `cfg` goes through."""
-  return [f"{stage}.optim.grad_accum_steps" for stage in config_lib.stages_of(cfg)]
+  """The micro-batch key of every stage a run of `cfg` goes through that trains."""
+  return [f"{stage}.optim.grad_accum_steps" for stage in config_lib.stages_of(cfg)
+          if update_rows(cfg, stage) is not None]
+
+
+def _micro_batches(rows: int, accum: int, shards: int) -> int:
+  """The most micro-batches, at most `accum`, that split `rows` evenly, into a multiple of
+  `shards` rows each (as `validate.check_mesh` requires); 1 if none does."""
+  while accum > 1 and (rows % accum or (rows // accum) % shards):
+    accum -= 1
+  return accum
 
 
 def fit_overrides(config_fn, preset: str, num_devices: int, device_bytes: float | None,
                   base: dict[str, object] | None = None, headroom: float = 0.85
                   ) -> dict[str, object]:
   """Overrides (dotted key -> value): `base`, plus plain data parallelism over `num_devices`
-  (the one `mesh`) with the fewest micro-batches (`<stage>.optim.grad_accum_steps`, the same
-  in every stage of the run) whose memory estimate stays under `headroom` x `device_bytes`
-  in every stage (e.g. a Colab TPU, whatever its generation). Without `device_bytes` (CPU),
-  no micro-batching."""
+  (the one `mesh`) with the fewest micro-batches (`<stage>.optim.grad_accum_steps`: the same
+  in every stage of the run that trains, fewer where a stage's update (`update_rows`) would
+  not split into whole rows per device) whose memory estimate stays under `headroom` x
+  `device_bytes` in every stage (e.g. a Colab TPU, whatever its generation). Without
+  `device_bytes` (CPU), no micro-batching."""
   overrides: dict[str, object] = dict(base or {}, **DATA_PARALLEL)
   if not device_bytes:
     return overrides
   for accum in (1, 2, 4, 8, 16):
-    cfg = config_fn(preset)
-    trial = dict(overrides, **{key: accum for key in accum_keys(cfg)})
+    cfg = scale.apply_overrides(config_fn(preset), overrides)  # `base` may set batch sizes
+    trial = dict(overrides)
+    for key in accum_keys(cfg):
+      stage = key.split(".", 1)[0]
+      trial[key] = _micro_batches(update_rows(cfg, stage), accum, num_devices)
     scale.apply_overrides(cfg, trial)
-    worst = max(estimate(cfg, num_devices, stage=stage).total_bytes
-                for stage in config_lib.stages_of(cfg))
-    if worst <= headroom * device_bytes:
+    totals = {stage: estimate(cfg, num_devices, stage=stage).total_bytes
+              for stage in config_lib.stages_of(cfg)}
+    worst = max(totals, key=totals.get)
+    if totals[worst] <= headroom * device_bytes:
       return trial
   raise ValueError(f"preset {preset!r} does not fit {num_devices} device(s) of "
-                   f"{device_bytes / 2**30:.1f} GiB even with 16 micro-batches; choose a "
-                   "smaller preset.")
+                   f"{device_bytes / 2**30:.1f} GiB even with up to 16 micro-batches (the "
+                   f"{worst} stage needs {totals[worst] / 2**30:.1f} GiB); choose a smaller "
+                   "preset.")
 
 
 def main(argv):

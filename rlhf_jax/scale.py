@@ -14,8 +14,8 @@ lists them.
 A preset sets the shared sections once (`model`, `tokenizer`, `data.max_prompt_len` /
 `data.max_completion_len` = 128 / 128, the one `mesh`) and, in each stage section the run
 has, its batch size (`sft.data.batch_size`, `rm.data.batch_size` and
-`rm.data.generation_batch_size`, `ppo.data.batch_size` with `ppo.num_minibatches`), learning
-rate and micro-batches (`<stage>.optim.learning_rate`, `<stage>.optim.grad_accum_steps`).
+`rm.data.generation_batch_size`, `ppo.data.batch_size` with `ppo.num_minibatches`, the same
+64 responses for GRPO / RLOO / REINFORCE++, 64 pairs for DPO), learning rate and micro-batches (`<stage>.optim.learning_rate`, `<stage>.optim.grad_accum_steps`).
 
 The shapes are LLaMA's (vocabulary 32000): 125m is GPT-3-small sized (d 768, 12 layers),
 1b is TinyLlama-1.1B, 7b is LLaMA-2-7B. On the bundled task the tokenizer is a 32000-piece
@@ -40,7 +40,7 @@ HARDWARE = {  # devices, GiB per device
 # Per (size, target): mesh, micro-batches per update (`grad_accum`) and `bf16` (parameters,
 # hence AdamW moments, in bfloat16): the first setting, preferring plain data parallelism,
 # float32 master weights and no accumulation, whose estimate (`memory.py`) stays under 85-90%
-# of the device memory for SFT, RM and PPO alike; the README lists the figures.
+# of the device memory for every stage; the README lists the figures.
 TUNED = {
     ("125m", "1gpu"): dict(mesh=dict(data=1), grad_accum=1),
     ("125m", "8gpu"): dict(mesh=dict(data=8), grad_accum=1),
@@ -102,15 +102,22 @@ def apply(c: ml_collections.ConfigDict, preset: str) -> None:
   if "rm" in c:
     c.rm.data.update(batch_size=64, generation_batch_size=64)
     c.rm.optim.update(learning_rate=lr_rm, grad_accum_steps=tuned["grad_accum"])
+  # A micro-batch needs a row per batch shard: split a minibatch no further than that.
+  shards = max(c.mesh.data * c.mesh.fsdp * c.mesh.expert, 1)
+  accum = lambda rows: max(1, min(tuned["grad_accum"], rows // shards))
   if "ppo" in c:
     c.ppo.data.batch_size = 64
     c.ppo.num_minibatches = 4
-    # A micro-batch needs a row per batch shard: split a minibatch no further than that.
-    shards = c.mesh.data * c.mesh.fsdp * c.mesh.expert
-    minibatch = c.ppo.data.batch_size // c.ppo.num_minibatches
-    c.ppo.optim.update(learning_rate=lr_ppo,
-                       grad_accum_steps=max(1, min(tuned["grad_accum"],
-                                                   minibatch // max(shards, 1))))
+    c.ppo.optim.update(learning_rate=lr_ppo, grad_accum_steps=accum(64 // 4))
+  for name in ("grpo", "rloo", "reinforce_pp"):  # 64 responses per iteration, as PPO
+    if name in c:
+      g = c[name]
+      g.num_minibatches = 4
+      g.optim.update(learning_rate=lr_ppo,
+                     grad_accum_steps=accum(g.data.batch_size * g.num_generations // 4))
+  if "dpo" in c:  # 64 pairs: 128 sequences per update
+    c.dpo.data.batch_size = 64
+    c.dpo.optim.update(learning_rate=lr_ppo, grad_accum_steps=accum(64))
 
 
 def _get(cfg, dotted: str):

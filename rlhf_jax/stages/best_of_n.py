@@ -145,7 +145,7 @@ def log_results(per_n, names, prompts, texts, ranking_PxG, shown: int) -> None:
                  texts[i * g + worst])
 
 
-def plot(path: str, per_n, names) -> None:
+def plot(path: str, per_n, names, ranked_by: str) -> None:
   """Each mean score vs the analytic KL, one panel per score, points labelled by N."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
@@ -161,9 +161,10 @@ def plot(path: str, per_n, names) -> None:
     ax.plot(kl, y, marker="o")
     for n, xi, yi in zip(per_n, kl, y):
       ax.annotate(f"N={n}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    ax.set(xlabel="KL to the SFT policy (nats)", ylabel=name.replace("_", " "),
-           title=f"best-of-N: {name.replace('_', ' ')}")
+    ax.set(xlabel="KL to the SFT policy (nats)", ylabel=name.replace("_", " "))
+    ax.margins(0.15)  # room for the labels of the end points
     ax.grid(alpha=0.3)
+  fig.suptitle(f"best-of-N of the SFT policy, ranked by the {ranked_by}")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -199,7 +200,8 @@ def run(config, policy: artifacts.Policy, reward, mesh, workdir: str | None,
   out_dir = artifacts.stage_dir(workdir, STAGE)
   if out_dir and jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
-    plot(os.path.join(out_dir, PLOT), per_n, names)
+    plot(os.path.join(out_dir, PLOT), per_n, names,
+         "RM" if b.reward == "model" else "gold reward")
     write_json(os.path.join(out_dir, artifacts.SUMMARY), final)  # last: marks it finished
   for k, v in sorted(summary.items()):
     logging.info("[best_of_n] summary %s = %.4f", k, v)
