@@ -61,7 +61,7 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is empty; name a directory (default ./workdir).")
   try:
-    _run(config, _WORKDIR.value)
+    run(config, _WORKDIR.value)
   except EXPECTED_ERRORS as e:
     if _VERBOSE_ERRORS.value:
       raise
@@ -74,7 +74,8 @@ def main(argv):
     os._exit(1)  # pylint: disable=protected-access
 
 
-def _run(config, workdir: str) -> None:
+def run(config, workdir: str) -> None:
+  """Runs `config` in `workdir` as the command line does (used by `rlhf_jax.compare`)."""
   # Imported here so that --help comes back fast.
   from rlhf_jax import config as config_lib, distributed, fileio, memory, validate  # pylint: disable=g-import-not-at-top
   validate.check(config)  # before anything touches a device or the workdir

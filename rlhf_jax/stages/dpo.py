@@ -189,7 +189,8 @@ def _summary(config, policy, params, reward, task, prefs, eval_arrays, logps, me
       tok.eos_id, tok.pad_id)
   score = None if reward is None else jax.jit(reward.score)
   held_out = records_lib.Prompts([], prompts, task)
-  bs = d.data.batch_size
+  # PPO's default batch (64), so the SFT baseline draws the same samples as the RL stages'.
+  bs = config.rm.data.generation_batch_size
   summary = evaluation.held_out_summary(config, "dpo", policy, params, reward, sampler, score,
                                         held_out, mesh, bs)
   summary["final/kl"] = evaluation.sampled_kl(config, policy, params, sampler, prompts, mesh,

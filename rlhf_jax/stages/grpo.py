@@ -175,6 +175,12 @@ class Iteration:
     return state, metrics, list(zip(index, texts))
 
 
+def _eval_batch(section) -> int:
+  """Held-out prompts per sampling call: the responses of an iteration (64 by default, PPO's
+  batch), so every algorithm's summary draws the same samples for the same prompts."""
+  return section.data.batch_size * section.num_generations
+
+
 @dataclasses.dataclass
 class Result:
   metrics: dict[str, float]
@@ -209,6 +215,6 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
   compiled = iterate.programs.compiled()
   summary = evaluation.held_out_summary(config, stage, policy, state.params, reward,
                                         iterate.programs.eval_sampler, iterate.programs.score,
-                                        prompts, mesh, g.data.batch_size)
+                                        prompts, mesh, _eval_batch(g))
   final = evaluation.finish(config, stage, runner, last, summary, rm_metrics, workdir)
   return Result(final, state, compiled)
