@@ -104,6 +104,36 @@ class ValidationTest(parameterized.TestCase):
       validate.check(cfg)
     self.assertNotIn("\n", str(raised.exception))
 
+  @parameterized.named_parameters(
+      ("dpo_loss", "dpo", {"dpo.loss_type": "kto"}, r"dpo.loss_type is 'kto'"),
+      ("dpo_beta", "dpo", {"dpo.beta": 0.0}, "dpo.beta must be positive"),
+      ("cdpo_ipo", "dpo", {"dpo.loss_type": "ipo", "dpo.label_smoothing": 0.1},
+       "applies to dpo.loss_type='dpo'"),
+      ("cdpo_range", "dpo", {"dpo.label_smoothing": 0.5}, r"in \[0, 0.5\)"),
+      ("dpo_reward", "dpo", {"dpo.reward": "gold"}, r"dpo.reward is 'gold'"),
+      ("dpo_files", "dpo", {"dpo.data.train_path": "p.jsonl"}, "dpo.data.eval_path is not"),
+      ("bon_n", "best_of_n", {"best_of_n.n": (4, 2)}, "best_of_n.n must be increasing"),
+      ("bon_reward", "best_of_n", {"best_of_n.reward": "none"}, r"best_of_n.reward is 'none'"),
+      ("rloo_group", "rloo", {"rloo.num_generations": 1}, "rloo.num_generations is 1"),
+      ("rpp_estimator", "reinforce_pp", {"reinforce_pp.advantage_estimator": "gae"},
+       r"reinforce_pp.advantage_estimator is 'gae'"),
+      ("rpp_top_k", "reinforce_pp", {"sampling.top_k": 5}, "REINFORCE_PP samples"),
+  )
+  def test_bad_setting_of_the_algorithm_family(self, stage, overrides, message):
+    cfg = scale.apply_overrides(config_lib.get_config(stage, "test"), overrides)
+    with self.assertRaisesRegex(ValueError, message) as raised:
+      validate.check(cfg)
+    self.assertNotIn("\n", str(raised.exception))
+
+  def test_algorithm_defaults_follow_their_papers(self):
+    rloo, rpp, grpo = (config_lib.get_config(s)[s] for s in ("rloo", "reinforce_pp", "grpo"))
+    self.assertEqual((grpo.kl_loss_coef, grpo.kl_coef, grpo.num_generations), (0.04, 0.0, 4))
+    self.assertEqual((rloo.kl_loss_coef, rloo.kl_coef, rloo.advantage_estimator),
+                     (0.0, 0.05, "rloo"))
+    self.assertEqual((rpp.num_generations, rpp.kl_coef, rpp.advantage_estimator),
+                     (1, 0.05, "reinforce_pp"))
+    self.assertNotIn("optim", config_lib.get_config("best_of_n").best_of_n)  # trains nothing
+
   def test_batches_must_split_over_the_mesh(self):
     mesh = sharding.make_mesh(dict(data=4, fsdp=2, num_devices=8))  # 8 batch shards
     cfg = config_lib.ppo_config("test")
