@@ -29,7 +29,7 @@ STAGES = ("sft", "rm") + RL_STAGES + ("dpo", "best_of_n")
 # RM stage's preference pairs (and reports the RM's score); best-of-N ranks with the RM.
 CHAINS = {"sft": ("sft",), "rm": ("sft", "rm"),
           **{s: ("sft", "rm", s) for s in STAGES[2:]}}
-PRESETS = ("", "test", "moe", "smollm2")
+PRESETS = ("", "test", "moe", "smollm2", "arithmetic")
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -277,6 +277,8 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
     c.model.moe.update(num_experts=4, top_k=2, moe_every=2, dropless=True)
   elif preset == "smollm2":
     _smollm2(c)
+  elif preset == "arithmetic":
+    _arithmetic(c)
   elif scale.is_scale_preset(preset):  # LLaMA shapes and meshes for real hardware
     scale.apply(c, preset)
   elif preset:
@@ -311,6 +313,28 @@ def _smollm2(c: ml_collections.ConfigDict) -> None:
     c.ppo.update(num_iterations=3, ppo_epochs=1, num_minibatches=2)
     c.ppo.optim.learning_rate = 3e-6
     c.ppo.train.update(checkpoint_every=3, keep_checkpoints=1, sample_every=1)
+
+
+def _arithmetic(c: ml_collections.ConfigDict) -> None:
+  """Verifiable reward: "37+45=" -> " 82", the critic-free stages trained on exact match
+  (`reward=gold`, no RM). Measured with GRPO (4 seeds): SFT exact match jumps from ~10% to
+  55-88% between ~1200 and 1500 steps depending on the seed, so SFT runs 1500; then 400
+  iterations of 16 prompts x 8 at lr 1e-4 raise held-out exact match by 1.4-15 points."""
+  c.tokenizer.kind = "byte"  # sentencepiece merges whole numbers into single pieces
+  c.data.update(task="arithmetic", max_prompt_len=8, max_completion_len=6)
+  c.sft.optim.decay_steps = 1500
+  c.sft.train.update(num_steps=1500, eval_every=500, checkpoint_every=500)
+  for name in GROUP_STAGES:
+    if name in c:
+      g = c[name]
+      g.reward = "gold"
+      g.data.num_eval_prompts = 512
+      if name != "reinforce_pp":  # it keeps one sample per prompt: 128 prompts
+        g.update(num_generations=8)
+      g.data.batch_size = 128 // g.num_generations
+      g.update(num_iterations=400)
+      g.optim.learning_rate = 1e-4
+      g.train.update(checkpoint_every=50, sample_every=50)
 
 
 def stages_of(config) -> tuple[str, ...]:
