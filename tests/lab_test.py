@@ -2,6 +2,8 @@
 analytic best-of-N KL against the exact and a Monte-Carlo KL on small categoricals, and the
 ensemble objectives against numpy."""
 
+import dataclasses
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
@@ -95,3 +97,32 @@ class EnsembleTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class RewardEnsembleTest(absltest.TestCase):
+
+  def test_stacked_forward_equals_each_member(self):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    import testing  # pylint: disable=g-import-not-at-top
+    from rlhf_jax import artifacts  # pylint: disable=g-import-not-at-top
+    from rlhf_jax.lab import ensemble  # pylint: disable=g-import-not-at-top
+    from rlhf_jax.models import RewardModel, TransformerConfig  # pylint: disable=g-import-not-at-top
+    cfg = TransformerConfig(vocab_size=31, d_model=16, num_layers=1, num_heads=2,
+                            num_kv_heads=1, mlp_dim=32)
+    members = []
+    for k in range(3):
+      graphdef, state, _ = testing.random_state(lambda: RewardModel(cfg, nnx.Rngs(0)), seed=k)
+      members.append(artifacts.RewardFunction(graphdef, state, 1.0 + k, -0.5 * k, cfg, None))
+    ens = ensemble.RewardEnsemble.stack(members)
+    tokens, mask = testing.left_padded_batch(np.random.default_rng(0), (3, 6, 1, 5), 6, 31)
+    got = np.asarray(ens.scores(ens.params, tokens, mask))
+    want = np.stack([np.asarray(m.score(m.params, tokens, mask)) for m in members])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ens.score(ens.params, tokens, mask, "worst_case")),
+                               want.min(0), rtol=1e-5, atol=1e-5)
+    self.assertEqual(ens.size, 3)
+    other = TransformerConfig(vocab_size=31, d_model=16, num_layers=2, num_heads=2,
+                              num_kv_heads=1, mlp_dim=32)
+    with self.assertRaisesRegex(ValueError, "member 1's network differs"):
+      ensemble.RewardEnsemble.stack([members[0], dataclasses.replace(members[1],
+                                                                     model_config=other)])
