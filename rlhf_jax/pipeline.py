@@ -74,7 +74,7 @@ def run(config, workdir: str | None, mesh=None, keep_states: bool = False) -> Re
   if _finished(config, workdir, stage, f"{stage} run", out):
     return out
   if stage == "dpo":
-    prefs, task = _preferences(config, workdir, mesh, out, "dpo")
+    prefs, task = preference_data(config, workdir, mesh, out.policy, "dpo")
     result = dpo.run(config, out.policy, out.reward, prefs, task, mesh, workdir, rm_metrics)
   elif stage == "best_of_n":
     result = best_of_n.run(config, out.policy, out.reward, mesh, workdir, rm_metrics)
@@ -135,13 +135,13 @@ def _reward(config, workdir, mesh, out: Result):
   path = _finished(config, workdir, "rm", "reward model", out)
   if path:
     return artifacts.load_reward_model(path, mesh), out.metrics
-  prefs, task = _preferences(config, workdir, mesh, out, "rm")
+  prefs, task = preference_data(config, workdir, mesh, out.policy, "rm")
   result = rm.run(config, out.policy, prefs, task, mesh, workdir)
   out.add("rm", result)
   return result.reward, result.metrics
 
 
-def _preferences(config, workdir, mesh, out: Result, stage: str):
+def preference_data(config, workdir, mesh, policy: artifacts.Policy, stage: str = "rm"):
   """(PreferenceData, task or None) for `stage`: its own preference JSONL, else the RM
   stage's files, else pairs generated from the SFT policy (reused from `<workdir>/rm`)."""
   for name in (stage, "rm"):
@@ -149,4 +149,4 @@ def _preferences(config, workdir, mesh, out: Result, stage: str):
       train, evals, names, _ = records_lib.load_records(config, name, "preference", "")
       return preferences.PreferenceData(train, evals, names), None
   task = tasks.get_task(config.data.task)
-  return preferences.run(config, task, out.policy, mesh, workdir), task
+  return preferences.run(config, task, policy, mesh, workdir), task

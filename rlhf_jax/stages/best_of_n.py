@@ -63,7 +63,7 @@ def best_indices(ranking_PxG: np.ndarray, n: int) -> np.ndarray:
 
 
 def sample_groups(config, policy: artifacts.Policy, prompts: list[str], mesh,
-                  num_samples: int) -> sampling.Samples:
+                  num_samples: int, batch_size: int) -> sampling.Samples:
   """`num_samples` responses per prompt (rows P * G, a prompt's G consecutive), in the
   rollout layout; `batch_size` prompts per sampler call, the batch at prompt offset i drawn
   with `fold_in(PRNGKey(seed), i)`."""
@@ -78,7 +78,7 @@ def sample_groups(config, policy: artifacts.Policy, prompts: list[str], mesh,
     out = sampler(policy.params, b["tokens"], b["mask"], jax.random.fold_in(rng, start))
     return {"tokens": out["tokens"], "mask": out["mask"]}
 
-  outs = sharding.for_each_batch(sample, arrays, config.best_of_n.data.batch_size, mesh)
+  outs = sharding.for_each_batch(sample, arrays, batch_size, mesh)
   rows = len(prompts) * g  # a last partial batch wrapped around: its extra rows go
   tokens, mask = (np.concatenate([o[k] for o in outs])[:rows] for k in ("tokens", "mask"))
   return sampling.Samples(np.repeat(arrays["tokens"], g, 0), np.repeat(arrays["mask"], g, 0),
@@ -180,7 +180,7 @@ def run(config, policy: artifacts.Policy, reward, mesh, workdir: str | None,
     logging.warning("[best_of_n] sampling.temperature is 0: the N samples are all the same")
   prompts, task = held_out_prompts(config)
   t0 = time.perf_counter()
-  samples = sample_groups(config, policy, prompts, mesh, max_n)
+  samples = sample_groups(config, policy, prompts, mesh, max_n, b.data.batch_size)
   t_sample = time.perf_counter() - t0
   scores = score_groups(samples, prompts, reward, task, mesh, b.data.batch_size * max_n)
   ranking_PxG = scores["rm_score" if b.reward == "model" else "gold_reward"]

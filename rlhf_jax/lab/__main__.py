@@ -1,0 +1,162 @@
+"""The gold-reward lab: `python -m rlhf_jax.lab --config=configs/lab.py [--workdir=DIR]`.
+
+With a bundled task's gold reward standing in for human judgement, one run measures how the
+proxy reward and the gold reward part as best-of-N selects harder (Gao, Schulman & Hilton
+2022), for proxy RMs of several strengths and for conservative RM ensembles (Coste et al.
+2024):
+
+  1. SFT and labelled preference pairs (the pipeline; reused from the workdir), the default
+     RM with them;
+  2. proxy RMs on nested subsets of the pairs and ensemble members on independent draws
+     (`lab/proxies.py`);
+  3. one best-of-N sampling run on held-out prompts, scored by gold, every proxy and the
+     ensemble (one vmapped forward, `lab/ensemble.py`); every curve (`lab/bon_curves.py`);
+  4. `<workdir>/lab/points.jsonl`, `fits.json`, `bon_*.png` and `report.md`
+     (`lab/report.py`).
+
+Not built yet (issue 17): the RL curves per proxy, RL against the ensemble objectives and
+the early-warning signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import tqdm
+from absl import app, logging
+
+from rlhf_jax import main as main_lib  # its --config (here the lab's) and --workdir
+from rlhf_jax import pipeline, sharding, validate
+from rlhf_jax.fileio import atomic_write
+from rlhf_jax.lab import bon_curves, ensemble, proxies, report
+from rlhf_jax.rl import ensembles
+from rlhf_jax.stages import best_of_n
+
+
+def check(config) -> None:
+  """The lab section's constraints, one line naming the key."""
+  lab = config.lab
+  pairs = tuple(lab.proxy_pairs)
+  if not pairs or any(not isinstance(n, int) or n < 1 for n in pairs) or (
+      list(pairs) != sorted(set(pairs))):
+    raise ValueError(f"lab.proxy_pairs must be increasing positive integers, got {pairs!r}.")
+  if lab.ensemble_size == 1 or lab.ensemble_size < 0:
+    raise ValueError(f"lab.ensemble_size is {lab.ensemble_size}: use 0 (no ensemble) or >= 2.")
+  for name in lab.objectives:
+    ensembles.ENSEMBLE_OBJECTIVES.check(name)
+  n = tuple(lab.bon.n)
+  if not n or n[0] != 1 or list(n) != sorted(set(n)):
+    raise ValueError(f"lab.bon.n must be increasing and start at 1 (the SFT baseline), got "
+                     f"{n!r}.")
+  for key in ("num_prompts", "batch_size"):
+    if not lab.bon[key] > 0:
+      raise ValueError(f"lab.bon.{key} must be positive, got {lab.bon[key]}.")
+  if config.rm.data.train_path or config.rm.data.tfds_name:
+    raise ValueError("the lab needs a bundled task's gold reward to label and score: unset "
+                     "rm.data.train_path / tfds_name.")
+
+
+def _scores(fn, params, samples, rows: int, mesh) -> np.ndarray:
+  """`fn(params, tokens, mask) -> [..., B]` over every sample, [..., N] on the host."""
+  outs = sharding.for_each_batch(lambda _, b: fn(params, b["tokens"], b["mask"]),
+                                 {"tokens": samples.seq, "mask": samples.seq_mask}, rows, mesh)
+  return np.concatenate(outs, axis=-1)[..., :len(samples.seq)]
+
+
+def _train_rms(config, policy, prefs, task, mesh, workdir, bar, costs):
+  rms, rewards = {}, {}
+  for name, index in proxies.subsets(len(prefs.train), config.lab, config.seed).items():
+    t0 = time.perf_counter()
+    seed = config.seed if name.startswith("pairs_") else config.seed + 1 + int(name[7:])
+    rewards[name], metrics = proxies.train(config, name, index, policy, prefs, task, mesh,
+                                           workdir, seed)
+    rms[name] = {"pairs": len(index), **{k: metrics[k] for k in
+                                         ("eval_accuracy", "eval_gold_agreement")
+                                         if k in metrics}}
+    costs[f"RM {name}"] = time.perf_counter() - t0
+    bar.update(1)
+  return rms, rewards
+
+
+def _curves(config, policy, task, rewards, mesh, bar, costs) -> list[dict]:
+  lab = config.lab
+  t0 = time.perf_counter()
+  prompts = [r["prompt"] for r in task.prompts(lab.bon.num_prompts, config.seed, "eval")]
+  g = max(lab.bon.n)
+  samples = best_of_n.sample_groups(config, policy, prompts, mesh, g, lab.bon.batch_size)
+  gold = best_of_n.score_groups(samples, prompts, None, task, mesh, 0)["gold_reward"]
+  costs["best-of-N sampling + gold"] = time.perf_counter() - t0
+  bar.update(1)
+  t0, rows, points = time.perf_counter(), lab.bon.batch_size * g, []
+  members = [r for n, r in rewards.items() if n.startswith("member_")]
+  for name, reward in rewards.items():
+    if name.startswith("pairs_"):
+      proxy = _scores(jax.jit(reward.score), reward.params, samples, rows, mesh)
+      points += bon_curves.points(name, proxy.reshape(len(prompts), g), gold, lab.bon.n)
+  if members:
+    ens = ensemble.RewardEnsemble.stack(members)
+    scores_KxN = _scores(jax.jit(ens.scores), ens.params, samples, rows, mesh)
+    for k, s in enumerate(scores_KxN):
+      points += bon_curves.points(f"member_{k}", s.reshape(len(prompts), g), gold, lab.bon.n)
+    for objective in lab.objectives:
+      combined = np.asarray(ensembles.combine(scores_KxN, objective, lab.uncertainty_lambda))
+      points += bon_curves.points(f"ensemble/{objective}", combined.reshape(len(prompts), g),
+                                  gold, lab.bon.n)
+  costs["scoring + curves"] = time.perf_counter() - t0
+  bar.update(1)
+  return points
+
+
+def run(config, workdir: str, command: str = "python -m rlhf_jax.lab") -> dict:
+  """The whole lab in `workdir`; returns the fits."""
+  validate.check(config)
+  check(config)
+  mesh = sharding.make_mesh(config.mesh)
+  lab = config.lab
+  num_rms = len(lab.proxy_pairs) + lab.ensemble_size
+  bar = tqdm.tqdm(total=num_rms + 4, desc="lab", unit="part", file=sys.stderr)
+  costs = {}
+  t0 = time.perf_counter()
+  out = pipeline.run(config, workdir)  # SFT, pairs, the default RM (reused when finished)
+  prefs, task = pipeline.preference_data(config, workdir, mesh, out.policy)
+  costs["SFT, pairs, default RM"] = time.perf_counter() - t0
+  bar.update(1)
+  rms, rewards = _train_rms(config, out.policy, prefs, task, mesh, workdir, bar, costs)
+  points = _curves(config, out.policy, task, rewards, mesh, bar, costs)
+  out_dir = os.path.join(workdir, "lab")
+  os.makedirs(out_dir, exist_ok=True)
+  atomic_write(os.path.join(out_dir, "points.jsonl"),
+               "".join(json.dumps(p) + "\n" for p in points))
+  fitted = report.write(out_dir, points, rms, costs,
+                        [n for n in rewards if n.startswith("pairs_")],
+                        [n for n in rewards if n.startswith("member_")], command)
+  bar.update(1)
+  bar.close()
+  logging.info("[lab] report: %s", os.path.join(out_dir, "report.md"))
+  return fitted
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = main_lib._CONFIG.value  # pylint: disable=protected-access
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/lab.py")
+  workdir = main_lib._WORKDIR.value  # pylint: disable=protected-access
+  os.makedirs(workdir, exist_ok=True)
+  main_lib._use_compilation_cache("", workdir)  # pylint: disable=protected-access
+  try:
+    run(config, workdir, "python -m rlhf_jax.lab " + " ".join(sys.argv[1:]))
+  except main_lib.EXPECTED_ERRORS as e:
+    sys.stderr.write(f"error: {type(e).__name__}: {' '.join(str(e).split())}\n")
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.INFO)
+  app.run(main)

@@ -1,0 +1,117 @@
+"""The lab's outputs from its points: `fits.json`, the plots and `report.md`.
+
+Every best-of-N curve is fitted with Gao et al.'s R_bon(d) = d (alpha - beta d)
+(`lab/fits.py`); the report gives each fit's coefficients and R^2 next to what the data
+itself shows (the measured peak, and whether gold fell while the proxy still rose), and
+says so when a fit is poor or a mitigation does not help.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from rlhf_jax.fileio import atomic_write, write_json
+from rlhf_jax.lab import bon_curves, fits
+
+POOR_FIT_R2 = 0.8
+
+
+def by_curve(points: list[dict]) -> dict[str, list[dict]]:
+  out: dict[str, list[dict]] = {}
+  for p in points:
+    out.setdefault(p["curve"], []).append(p)
+  return out
+
+
+def fit_curves(points: list[dict]) -> dict[str, dict]:
+  """curve -> its fit (alpha, beta, R^2, fitted peak) and the measured peak."""
+  out = {}
+  for curve, pts in by_curve(points).items():
+    f = fits.fit("bon", [p["kl"] for p in pts], [p["gold"] for p in pts])
+    out[curve] = {**f.to_json(), "measured": bon_curves.peak(pts)}
+  return out
+
+
+def plot(points: list[dict], curves: list[str], path: str, title: str) -> None:
+  """Gold (solid) and proxy (dashed) against d = sqrt(KL) for `curves`."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, (ax_gold, ax_proxy) = plt.subplots(1, 2, figsize=(10, 4))
+  groups = by_curve(points)
+  for curve in curves:
+    pts = groups[curve]
+    d = [p["d"] for p in pts]
+    line, = ax_gold.plot(d, [p["gold"] for p in pts], "o-", label=curve)
+    ax_proxy.plot(d, [p["proxy"] for p in pts], "s--", color=line.get_color(), label=curve)
+  ax_gold.axhline(0.0, color="grey", ls=":")
+  ax_gold.set(xlabel="d = sqrt(KL to SFT)", ylabel="gold reward − SFT's", title="gold")
+  ax_proxy.set(xlabel="d = sqrt(KL to SFT)", ylabel="proxy (normalised RM) score",
+               title="proxy")
+  ax_gold.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _fit_row(curve: str, f: dict) -> str:
+  m = f["measured"]
+  peak = ("none (β ≤ 0)" if f["peak_kl"] is None else
+          f"{f['peak_gold']:+.3f} at KL {f['peak_kl']:.2f}")
+  poor = " (poor fit)" if not f["r2"] >= POOR_FIT_R2 else ""
+  return (f"| {curve} | {f['alpha']:.4f} | {f['beta']:.4f} | {f['r2']:.3f}{poor} | {peak} | "
+          f"{m['peak_gold']:+.3f} at N = {m['peak_n']} | {m['last_gold']:+.3f} | "
+          f"{'yes' if m['overoptimised'] else 'no'} |")
+
+
+def findings(fitted: dict[str, dict], proxies: list[str], members: list[str]) -> list[str]:
+  """Plain statements of what the measured curves show."""
+  lines = []
+  for c in proxies:
+    m = fitted[c]["measured"]
+    lines.append(f"- {c}: gold peaks at N = {m['peak_n']} ({m['peak_gold']:+.3f}) and ends at "
+                 f"{m['last_gold']:+.3f}; " + ("over-optimisation: gold falls while the "
+                 "proxy still rises." if m["overoptimised"] else "no fall of gold within "
+                 "this KL range."))
+  if members:
+    single = np.mean([fitted[c]["measured"]["last_gold"] for c in members])
+    for c in (c for c in fitted if c.startswith("ensemble/")):
+      last = fitted[c]["measured"]["last_gold"]
+      verdict = "helps" if last > single else "does not help"
+      lines.append(f"- {c}: gold at the largest N {last:+.3f} vs {single:+.3f} for a single "
+                   f"member on average: the ensemble {verdict} here.")
+  return lines
+
+
+def write(out_dir: str, points: list[dict], rms: dict[str, dict], costs: dict[str, float],
+          proxies: list[str], members: list[str], command: str) -> dict[str, dict]:
+  """Writes fits.json, the plots and report.md into `out_dir`; returns the fits."""
+  fitted = fit_curves(points)
+  write_json(os.path.join(out_dir, "fits.json"), fitted)
+  ensembles = [c for c in fitted if c.startswith("ensemble/")]
+  plot(points, proxies, os.path.join(out_dir, "bon_proxies.png"),
+       "Best-of-N against proxy RMs of several strengths")
+  if ensembles:
+    plot(points, members[:1] + ensembles, os.path.join(out_dir, "bon_ensembles.png"),
+         "Best-of-N against ensemble objectives (and one member)")
+  lines = ["# Reward over-optimisation lab", "", f"`{command}`", "",
+           "## Proxy reward models", "", "| RM | training pairs | held-out accuracy | "
+           "gold agreement |", "|---|---|---|---|"]
+  for name, r in rms.items():
+    lines.append(f"| {name} | {r['pairs']} | {r['eval_accuracy']:.3f} | "
+                 f"{r.get('eval_gold_agreement', float('nan')):.3f} |")
+  lines += ["", "## Best-of-N: fits of R(d) = d (α − β d), d = sqrt(KL)", "",
+            "| curve | α | β | R² | fitted peak | measured peak | gold at largest N | "
+            "over-optimised |", "|---|---|---|---|---|---|---|---|"]
+  lines += [_fit_row(c, f) for c, f in fitted.items()]
+  lines += ["", "## What the data shows", ""] + findings(fitted, proxies, members)
+  lines += ["", "![proxies](bon_proxies.png)"]
+  if ensembles:
+    lines += ["", "![ensembles](bon_ensembles.png)"]
+  lines += ["", "## Cost", "", "| part | seconds |", "|---|---|"]
+  lines += [f"| {k} | {v:.0f} |" for k, v in costs.items()]
+  atomic_write(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
+  return fitted
