@@ -126,3 +126,56 @@ class RewardEnsembleTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "member 1's network differs"):
       ensemble.RewardEnsemble.stack([members[0], dataclasses.replace(members[1],
                                                                      model_config=other)])
+
+
+class LabRunTest(absltest.TestCase):
+
+  def test_best_of_n_lab_end_to_end(self):
+    """The lab from the shared pipeline's SFT policy and pairs (copied where the pipeline
+    reuses them), proxy RMs of 20 steps: every output, curves starting at (0, 0), fits and
+    the report's findings."""
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    import json  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    import shutil  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+    import testing  # pylint: disable=g-import-not-at-top
+    from rlhf_jax import scale  # pylint: disable=g-import-not-at-top
+    from rlhf_jax.lab import __main__ as lab_main  # pylint: disable=g-import-not-at-top
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "lab.py")
+    spec = importlib.util.spec_from_file_location("lab_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("test")
+    scale.apply_overrides(cfg, {k: v for k, v in testing.PIPELINE_OVERRIDES.items()
+                                if k.split(".")[0] in cfg})
+    cfg.rm.train.update(num_steps=20, eval_every=20, checkpoint_every=20)
+    cfg.rm.optim.decay_steps = 20
+    cfg.lab.update(proxy_pairs=(16, 64, 256), ensemble_pairs=64)
+    shared, _ = testing.shared_pipeline()
+    cfg.sft_checkpoint = os.path.join(shared, "sft")
+    with tempfile.TemporaryDirectory() as wd:
+      os.makedirs(os.path.join(wd, "rm"))
+      for name in os.listdir(os.path.join(shared, "rm")):
+        if name.startswith("preferences_"):
+          shutil.copy(os.path.join(shared, "rm", name), os.path.join(wd, "rm", name))
+      fitted = lab_main.run(cfg, wd)
+      out = os.path.join(wd, "lab")
+      with open(os.path.join(out, "points.jsonl")) as f:
+        points = [json.loads(line) for line in f]
+      with open(os.path.join(out, "report.md")) as f:
+        text = f.read()
+      for name in ("fits.json", "bon_proxies.png", "bon_ensembles.png"):
+        self.assertTrue(os.path.exists(os.path.join(out, name)), name)
+    curves = ["pairs_16", "pairs_64", "pairs_256", "member_0", "member_1", "ensemble/mean",
+              "ensemble/worst_case", "ensemble/uncertainty_weighted"]
+    self.assertEqual(list(fitted), curves)
+    self.assertLen(points, len(curves) * 4)
+    for p in points:
+      if p["n"] == 1:  # N = 1 keeps the first sample whatever the ranking: the SFT baseline
+        self.assertEqual((p["kl"], p["gold"]), (0.0, 0.0))
+      self.assertAlmostEqual(p["kl"], core.best_of_n_kl(p["n"]), places=6)
+    for curve in curves:
+      self.assertIn(f"| {curve} |", text)
+      self.assertTrue(np.isfinite(fitted[curve]["r2"]), curve)
+    self.assertIn("## What the data shows", text)

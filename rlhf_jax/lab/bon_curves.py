@@ -30,19 +30,24 @@ def points(curve: str, ranking_PxG: np.ndarray, gold_PxG: np.ndarray, ns) -> lis
   for n in ns:
     best_P = best_of_n.best_indices(ranking_PxG, n)
     kl = core.best_of_n_kl(n)
+    kept = np.asarray(gold_PxG[rows, best_P], np.float64)
     out.append({"curve": curve, "method": "bon", "n": int(n), "kl": kl, "d": math.sqrt(kl),
-                "gold": float(np.mean(gold_PxG[rows, best_P], dtype=np.float64)) - base,
+                "gold": float(kept.mean()) - base,
+                "gold_se": float(kept.std(ddof=1) / math.sqrt(len(kept))) if len(kept) > 1
+                           else float("nan"),
                 "proxy": float(np.mean(ranking_PxG[rows, best_P], dtype=np.float64))})
   return out
 
 
 def peak(curve_points: list[dict]) -> dict:
   """Where the measured gold peaks, and whether it then falls while the proxy still rises
-  (over-optimisation seen in the data, not in a fit)."""
+  (over-optimisation seen in the data, not in a fit): by more than twice the standard
+  error of the difference, so that sampling noise over a few dozen prompts does not count."""
   gold = [p["gold"] for p in curve_points]
   i = int(np.argmax(gold))
-  last = curve_points[-1]
-  return {"peak_n": curve_points[i]["n"], "peak_kl": curve_points[i]["kl"],
-          "peak_gold": gold[i], "last_gold": last["gold"],
-          "overoptimised": bool(i < len(gold) - 1 and last["gold"] < gold[i]
-                                and last["proxy"] > curve_points[i]["proxy"])}
+  top, last = curve_points[i], curve_points[-1]
+  noise = 2.0 * math.sqrt(top.get("gold_se", 0.0) ** 2 + last.get("gold_se", 0.0) ** 2)
+  return {"peak_n": top["n"], "peak_kl": top["kl"], "peak_gold": gold[i],
+          "last_gold": last["gold"], "fall": gold[i] - last["gold"], "noise_2se": noise,
+          "overoptimised": bool(i < len(gold) - 1 and gold[i] - last["gold"] > noise
+                                and last["proxy"] > top["proxy"])}

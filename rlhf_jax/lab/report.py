@@ -72,15 +72,21 @@ def findings(fitted: dict[str, dict], proxies: list[str], members: list[str]) ->
   lines = []
   for c in proxies:
     m = fitted[c]["measured"]
+    if m["overoptimised"]:
+      verdict = ("over-optimisation: gold falls by more than 2 standard errors "
+                 f"({m['noise_2se']:.3f}) while the proxy still rises.")
+    elif m["fall"] > 0:
+      verdict = (f"gold falls by {m['fall']:.3f}, within 2 standard errors "
+                 f"({m['noise_2se']:.3f}): not distinguishable from sampling noise.")
+    else:
+      verdict = "no fall of gold within this KL range."
     lines.append(f"- {c}: gold peaks at N = {m['peak_n']} ({m['peak_gold']:+.3f}) and ends at "
-                 f"{m['last_gold']:+.3f}; " + ("over-optimisation: gold falls while the "
-                 "proxy still rises." if m["overoptimised"] else "no fall of gold within "
-                 "this KL range."))
+                 f"{m['last_gold']:+.3f}; {verdict}")
   if members:
     single = np.mean([fitted[c]["measured"]["last_gold"] for c in members])
     for c in (c for c in fitted if c.startswith("ensemble/")):
       last = fitted[c]["measured"]["last_gold"]
-      verdict = "helps" if last > single else "does not help"
+      verdict = "helps" if last > single else "does not help"  # vs the members it combines
       lines.append(f"- {c}: gold at the largest N {last:+.3f} vs {single:+.3f} for a single "
                    f"member on average: the ensemble {verdict} here.")
   return lines
