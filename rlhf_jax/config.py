@@ -134,7 +134,9 @@ def _ppo_section() -> ml_collections.ConfigDict:
       critic="reward",
       reward="model",  # score with the trained RM, or "gold": the bundled task's gold reward
       optim=optim_config(learning_rate=2e-4, end_lr_ratio=1.0, eps=1e-5, schedule="constant"),
-      train=dict(checkpoint_every=10, keep_checkpoints=2, sample_every=10, num_samples_shown=2),
+      # eval_every > 0: held-out eval/{gold_reward,rm_score,kl} every that many iterations
+      train=dict(checkpoint_every=10, keep_checkpoints=2, sample_every=10, num_samples_shown=2,
+                 eval_every=0),
   ))
 
 
@@ -160,7 +162,9 @@ def _group_section(estimator: str) -> ml_collections.ConfigDict:
       score_clip=0.0, missing_eos_penalty=0.0,
       reward="model",  # the trained RM, or "gold": the bundled task's gold reward
       optim=optim_config(learning_rate=2e-4, end_lr_ratio=1.0, eps=1e-5, schedule="constant"),
-      train=dict(checkpoint_every=10, keep_checkpoints=2, sample_every=10, num_samples_shown=2),
+      # eval_every > 0: held-out eval/{gold_reward,rm_score,kl} every that many iterations
+      train=dict(checkpoint_every=10, keep_checkpoints=2, sample_every=10, num_samples_shown=2,
+                 eval_every=0),
   ))
   if estimator == "rloo":  # KL folded into the sequence reward; REINFORCE (one epoch)
     c.update(kl_loss_coef=0.0, kl_coef=0.05, loss_aggregation="token_mean")

@@ -88,16 +88,11 @@ def _response_logps(graphdef, params, seq, seq_mask, n: int, temperature: float)
   return core.token_logprobs(logits, seq[:, -n:], temperature) * seq_mask[:, -n:]
 
 
-def sampled_kl(config, policy: artifacts.Policy, params, sampler, prompts, mesh,
-               batch_size: int) -> float:
-  """KL(pi || ref) in nats per response, estimated on pi's own samples of `prompts` with
-  `ref` the SFT policy (for a stage whose training does not measure it, e.g. DPO): the mean
+def samples_kl(config, policy: artifacts.Policy, params, samples, mesh, batch_size: int):
+  """KL(pi || ref) in nats per response on pi's own `samples`, `ref` the SFT policy: the mean
   over samples of the per-token k3 estimator summed over the response, unbiased and never
   negative (k1, log pi - log ref, is unbiased too but a few hundred samples of a policy near
   the reference gave negative means)."""
-  samples = sampling.sample_prompts(sampler, params, policy.tokenizer, prompts, mesh,
-                                    config.data.max_prompt_len, batch_size,
-                                    jax.random.PRNGKey(config.seed + 7))
   n = samples.tokens.shape[1]
   logps = jax.jit(functools.partial(_response_logps, policy.graphdef, n=n,
                                     temperature=config.sampling.temperature))
@@ -106,4 +101,40 @@ def sampled_kl(config, policy: artifacts.Policy, params, sampler, prompts, mesh,
       lambda _, b: core.kl_k3(logps(params, b["seq"], b["seq_mask"])
                               - logps(policy.params, b["seq"], b["seq_mask"])).sum(axis=1),
       arrays, batch_size, mesh)
-  return float(np.mean(np.concatenate(kl)[:len(prompts)], dtype=np.float64))
+  return float(np.mean(np.concatenate(kl)[:len(samples.seq)], dtype=np.float64))
+
+
+def sampled_kl(config, policy: artifacts.Policy, params, sampler, prompts, mesh,
+               batch_size: int) -> float:
+  """`samples_kl` of fresh samples of `prompts` (for a stage whose training does not measure
+  the KL, e.g. DPO), drawn with the held-out summary's key."""
+  samples = sampling.sample_prompts(sampler, params, policy.tokenizer, prompts, mesh,
+                                    config.data.max_prompt_len, batch_size,
+                                    jax.random.PRNGKey(config.seed + 7))
+  return samples_kl(config, policy, params, samples, mesh, batch_size)
+
+
+def periodic_eval(config, policy: artifacts.Policy, reward, sampler, score_fn, prompts, mesh,
+                  batch_size: int, params_of=lambda state: state.params):
+  """`state -> metrics`, the held-out evaluation an RL stage runs every `train.eval_every`
+  iterations: `eval/gold_reward` (bundled tasks), `eval/rm_score` (with an RM) and `eval/kl`
+  (`samples_kl`) of the current policy's samples of the held-out prompts, with the same key
+  every time, so the points trace one curve (the gold-reward lab's RL curves)."""
+  tok, task = policy.tokenizer, prompts.task
+
+  def evaluate(state) -> dict[str, float]:
+    params = params_of(state)
+    samples = sampling.sample_prompts(sampler, params, tok, prompts.eval, mesh,
+                                      config.data.max_prompt_len, batch_size,
+                                      jax.random.PRNGKey(config.seed + 7))
+    out = {"eval/kl": samples_kl(config, policy, params, samples, mesh, batch_size)}
+    if reward is not None:
+      scores = artifacts.sequence_scores(score_fn, reward.params, samples.seq,
+                                         samples.seq_mask, batch_size, mesh)
+      out["eval/rm_score"] = float(np.mean(scores, dtype=np.float64))
+    if task is not None:
+      out["eval/gold_reward"] = float(np.mean(
+          [task.gold_reward(q, a) for q, a in zip(prompts.eval, samples.texts)]))
+    return out
+
+  return evaluate

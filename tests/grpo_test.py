@@ -33,7 +33,9 @@ class GrpoStageTest(absltest.TestCase):
     super().setUpClass()
     cls._tmp = tempfile.TemporaryDirectory()
     cls.workdir = cls._tmp.name
-    cls.out = pipeline.run(_config(), cls.workdir)
+    cfg = _config()
+    cfg.grpo.train.eval_every = 2
+    cls.out = pipeline.run(cfg, cls.workdir)
     cls.rows = [r for r in testing.metric_rows(cls.workdir, "grpo") if "objective/kl" in r]
 
   @classmethod
@@ -56,6 +58,10 @@ class GrpoStageTest(absltest.TestCase):
                 "final/grpo_rm_score", "final/kl", "objective/kl_loss", "loss/policy"):
       self.assertTrue(np.isfinite(m[key]), key)
     self.assertEqual(self.out.stages["grpo"].compiled, PROGRAMS)
+    evals = [r for r in self.rows if "eval/kl" in r]  # every 2 iterations
+    self.assertEqual([r["step"] for r in evals], [2, 4])
+    for key in ("gold_reward", "rm_score"):  # the last is the summary's sample
+      self.assertEqual(evals[-1][f"eval/{key}"], m[f"final/grpo_{key}"], key)
 
   def test_resume_is_exact(self):
     with tempfile.TemporaryDirectory() as wd:

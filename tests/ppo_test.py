@@ -106,6 +106,15 @@ class PpoTest(absltest.TestCase):
                                rtol=1e-5, atol=1e-5)
     self.assertGreater(np.abs(np.asarray(score) - np.asarray(raw)).max(), 1e-2)  # not vacuous
 
+  def test_periodic_held_out_eval(self):
+    """eval/* every 3 iterations; the last equals the summary (same prompts, key, sampler)."""
+    rows = [r for r in self._ppo_rows() if "eval/kl" in r]
+    self.assertEqual([r["step"] for r in rows], [3, 6])
+    m = self.result.metrics
+    for key in ("gold_reward", "rm_score"):
+      self.assertEqual(rows[-1][f"eval/{key}"], m[f"final/ppo_{key}"], key)
+    self.assertGreater(rows[-1]["eval/kl"], 0.0)
+
   def test_no_recompilation_after_first_iteration(self):
     self.assertEqual(self.result.compiled, PROGRAMS)
 

@@ -75,6 +75,7 @@ PIPELINE_OVERRIDES = {
     "rm.optim.learning_rate": 2e-3, "rm.optim.decay_steps": 100,
     "rm.train.num_steps": 100, "rm.train.eval_every": 100, "rm.train.checkpoint_every": 50,
     "ppo.adaptive_kl": True, "ppo.kl_target": 0.01, "ppo.kl_horizon": 100,
+    "ppo.train.eval_every": 3,  # held-out eval/* at iterations 3 and 6
 }
 
 

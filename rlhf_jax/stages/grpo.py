@@ -211,7 +211,13 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
 
   runner = runner_lib.StageRunner(stage, workdir, runner_lib.LoopConfig.from_section(
       g.train, num_steps=g.num_iterations))
-  state, last = runner.run(step, state, batches, log_keys=LOG_KEYS)
+  # Its own jitted scorer: the held-out rows arrive placed otherwise than the rollout's, and
+  # one more program there must not count as the training's recompiling (`compiled`).
+  evaluate = evaluation.periodic_eval(
+      config, policy, reward, iterate.programs.eval_sampler,
+      None if reward is None else jax.jit(reward.score), prompts, mesh,
+      _eval_batch(g)) if g.train.eval_every else None
+  state, last = runner.run(step, state, batches, eval_fn=evaluate, log_keys=LOG_KEYS)
   compiled = iterate.programs.compiled()
   summary = evaluation.held_out_summary(config, stage, policy, state.params, reward,
                                         iterate.programs.eval_sampler, iterate.programs.score,

@@ -247,7 +247,11 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
 
   runner = runner_lib.StageRunner("ppo", workdir, runner_lib.LoopConfig.from_section(
       p.train, num_steps=p.num_iterations))
-  state, last = runner.run(step, state, batches, carry=carry, log_keys=LOG_KEYS)
+  evaluate = evaluation.periodic_eval(
+      config, policy, reward, iterate.programs.sampler, iterate.programs.score, prompts, mesh,
+      p.data.batch_size, lambda st: st.params["policy"]) if p.train.eval_every else None
+  state, last = runner.run(step, state, batches, carry=carry, eval_fn=evaluate,
+                           log_keys=LOG_KEYS)
   compiled = iterate.programs.compiled()  # before the summary samples with the same sampler
   summary = evaluation.held_out_summary(
       config, "ppo", policy, state.params["policy"], reward, iterate.programs.sampler,
