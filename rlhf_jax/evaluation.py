@@ -133,8 +133,11 @@ def periodic_eval(config, policy: artifacts.Policy, reward, sampler, score_fn, p
                                          samples.seq_mask, batch_size, mesh)
       out["eval/rm_score"] = float(np.mean(scores, dtype=np.float64))
     if task is not None:
-      out["eval/gold_reward"] = float(np.mean(
-          [task.gold_reward(q, a) for q, a in zip(prompts.eval, samples.texts)]))
+      gold = np.array([task.gold_reward(q, a) for q, a in zip(prompts.eval, samples.texts)],
+                      np.float64)
+      out["eval/gold_reward"] = float(gold.mean())
+      out["eval/gold_reward_se"] = float(gold.std(ddof=1) / np.sqrt(len(gold))) if (
+          len(gold) > 1) else float("nan")
     return out
 
   return evaluate

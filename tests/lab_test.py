@@ -132,10 +132,10 @@ class RewardEnsembleTest(absltest.TestCase):
 
 class LabRunTest(absltest.TestCase):
 
-  def test_best_of_n_lab_end_to_end(self):
+  def test_lab_end_to_end(self):
     """The lab from the shared pipeline's SFT policy and pairs (copied where the pipeline
-    reuses them), proxy RMs of 10 steps: every output, curves starting at (0, 0), fits and
-    the report's findings."""
+    reuses them), proxy RMs of 10 steps, PPO of 4 iterations against each proxy: every
+    output, curves starting at (0, 0), fits and the report's findings."""
     import importlib.util  # pylint: disable=g-import-not-at-top
     import json  # pylint: disable=g-import-not-at-top
     import os  # pylint: disable=g-import-not-at-top
@@ -167,16 +167,26 @@ class LabRunTest(absltest.TestCase):
         points = [json.loads(line) for line in f]
       with open(os.path.join(out, "report.md")) as f:
         text = f.read()
-      for name in ("fits.json", "bon_proxies.png", "bon_ensembles.png"):
+      for name in ("fits.json", "bon_proxies.png", "bon_ensembles.png", "rl_proxies.png"):
         self.assertTrue(os.path.exists(os.path.join(out, name)), name)
-    curves = ["pairs_16", "pairs_256", "member_0", "member_1", "ensemble/mean",
-              "ensemble/worst_case", "ensemble/uncertainty_weighted"]
-    self.assertEqual(list(fitted), curves)
-    self.assertLen(points, len(curves) * 4)
+    bon = ["pairs_16", "pairs_256", "member_0", "member_1", "ensemble/mean",
+           "ensemble/worst_case", "ensemble/uncertainty_weighted"]
+    rl = ["rl/pairs_16", "rl/pairs_256"]  # PPO, 4 iterations, evaluated at 2 and 4
+    curves = bon + rl
+    self.assertCountEqual(list(fitted), curves)
+    self.assertLen(points, len(bon) * 4 + len(rl) * 3)
     for p in points:
+      if p["method"] == "rl":
+        self.assertIn(p["iteration"], (0, 2, 4))
+        if p["iteration"] == 0:  # the SFT policy: where the curve starts
+          self.assertEqual((p["kl"], p["gold"]), (0.0, 0.0))
+        else:
+          self.assertGreater(p["kl"], 0.0)
+        continue
       if p["n"] == 1:  # N = 1 keeps the first sample whatever the ranking: the SFT baseline
         self.assertEqual((p["kl"], p["gold"]), (0.0, 0.0))
       self.assertAlmostEqual(p["kl"], core.best_of_n_kl(p["n"]), places=6)
+    self.assertEqual(fitted["rl/pairs_16"]["form"], "rl")
     for curve in curves:
       self.assertIn(f"| {curve} |", text)
       self.assertTrue(np.isfinite(fitted[curve]["r2"]), curve)

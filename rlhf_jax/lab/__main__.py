@@ -11,11 +11,11 @@ proxy reward and the gold reward part as best-of-N selects harder (Gao, Schulman
      (`lab/proxies.py`);
   3. one best-of-N sampling run on held-out prompts, scored by gold, every proxy and the
      ensemble (one vmapped forward, `lab/ensemble.py`); every curve (`lab/bon_curves.py`);
-  4. `<workdir>/lab/points.jsonl`, `fits.json`, `bon_*.png` and `report.md`
-     (`lab/report.py`).
+  4. PPO against each proxy with held-out evaluations along the way (`lab/rl_curves.py`);
+  5. `<workdir>/lab/points.jsonl`, `fits.json`, `bon_*.png`, `rl_proxies.png` and
+     `report.md` (`lab/report.py`).
 
-Not built yet (issue 17): the RL curves per proxy, RL against the ensemble objectives and
-the early-warning signal.
+Not built yet (issue 17): RL against the ensemble objectives and the early-warning signal.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from absl import app, logging
 from rlhf_jax import main as main_lib  # its --config (here the lab's) and --workdir
 from rlhf_jax import pipeline, sharding, validate
 from rlhf_jax.fileio import atomic_write
-from rlhf_jax.lab import bon_curves, ensemble, proxies, report
+from rlhf_jax.lab import bon_curves, ensemble, proxies, report, rl_curves
 from rlhf_jax.rl import ensembles
 from rlhf_jax.stages import best_of_n
 
@@ -56,6 +56,13 @@ def check(config) -> None:
   for key in ("num_prompts", "batch_size"):
     if not lab.bon[key] > 0:
       raise ValueError(f"lab.bon.{key} must be positive, got {lab.bon[key]}.")
+  for key in ("num_iterations", "eval_every"):
+    if lab.rl[key] < 0:
+      raise ValueError(f"lab.rl.{key} must be >= 0, got {lab.rl[key]}.")
+  if lab.rl.num_iterations and not lab.rl.eval_every:
+    raise ValueError("lab.rl.eval_every must be positive: the RL curves are its evaluations.")
+  if lab.rl.num_iterations and config.ppo.reward != "model":
+    raise ValueError("the lab's RL runs optimise the proxy RMs: set ppo.reward='model'.")
   if config.rm.data.train_path or config.rm.data.tfds_name:
     raise ValueError("the lab needs a bundled task's gold reward to label and score: unset "
                      "rm.data.train_path / tfds_name.")
@@ -119,15 +126,23 @@ def run(config, workdir: str, command: str = "python -m rlhf_jax.lab") -> dict:
   mesh = sharding.make_mesh(config.mesh)
   lab = config.lab
   num_rms = len(lab.proxy_pairs) + lab.ensemble_size
-  bar = tqdm.tqdm(total=num_rms + 4, desc="lab", unit="part", file=sys.stderr)
+  num_rl = len(lab.proxy_pairs) if lab.rl.num_iterations else 0
+  bar = tqdm.tqdm(total=num_rms + num_rl + 4, desc="lab", unit="part", file=sys.stderr)
   costs = {}
   t0 = time.perf_counter()
-  out = pipeline.run(config, workdir)  # SFT, pairs, the default RM (reused when finished)
+  upto_rm = config.copy_and_resolve_references()
+  upto_rm.stage = "rm"  # SFT, pairs, the default RM (reused when finished); not its PPO
+  out = pipeline.run(upto_rm, workdir)
   prefs, task = pipeline.preference_data(config, workdir, mesh, out.policy)
   costs["SFT, pairs, default RM"] = time.perf_counter() - t0
   bar.update(1)
   rms, rewards = _train_rms(config, out.policy, prefs, task, mesh, workdir, bar, costs)
   points = _curves(config, out.policy, task, rewards, mesh, bar, costs)
+  for name in (n for n in rewards if n.startswith("pairs_") and num_rl):
+    t0 = time.perf_counter()
+    points += rl_curves.run(config, name, out.policy, rewards[name], rms[name], mesh, workdir)
+    costs[f"PPO against {name}"] = time.perf_counter() - t0
+    bar.update(1)
   out_dir = os.path.join(workdir, "lab")
   os.makedirs(out_dir, exist_ok=True)
   atomic_write(os.path.join(out_dir, "points.jsonl"),

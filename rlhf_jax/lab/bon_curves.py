@@ -42,12 +42,14 @@ def points(curve: str, ranking_PxG: np.ndarray, gold_PxG: np.ndarray, ns) -> lis
 def peak(curve_points: list[dict]) -> dict:
   """Where the measured gold peaks, and whether it then falls while the proxy still rises
   (over-optimisation seen in the data, not in a fit): by more than twice the standard
-  error of the difference, so that sampling noise over a few dozen prompts does not count."""
+  error of the difference, so that sampling noise over a few dozen prompts does not count.
+  Also used for the RL curves (`lab/rl_curves.py`), whose points carry an iteration."""
   gold = [p["gold"] for p in curve_points]
   i = int(np.argmax(gold))
   top, last = curve_points[i], curve_points[-1]
   noise = 2.0 * math.sqrt(top.get("gold_se", 0.0) ** 2 + last.get("gold_se", 0.0) ** 2)
-  return {"peak_n": top["n"], "peak_kl": top["kl"], "peak_gold": gold[i],
+  at = f"N = {top['n']}" if "n" in top else f"iteration {top['iteration']}"
+  return {"peak_at": at, "peak_kl": top["kl"], "peak_gold": gold[i],
           "last_gold": last["gold"], "fall": gold[i] - last["gold"], "noise_2se": noise,
           "overoptimised": bool(i < len(gold) - 1 and gold[i] - last["gold"] > noise
                                 and last["proxy"] > top["proxy"])}

@@ -29,7 +29,7 @@ def fit_curves(points: list[dict]) -> dict[str, dict]:
   """curve -> its fit (alpha, beta, R^2, fitted peak) and the measured peak."""
   out = {}
   for curve, pts in by_curve(points).items():
-    f = fits.fit("bon", [p["kl"] for p in pts], [p["gold"] for p in pts])
+    f = fits.fit(pts[0]["method"], [p["kl"] for p in pts], [p["gold"] for p in pts])
     out[curve] = {**f.to_json(), "measured": bon_curves.peak(pts)}
   return out
 
@@ -63,14 +63,14 @@ def _fit_row(curve: str, f: dict) -> str:
           f"{f['peak_gold']:+.3f} at KL {f['peak_kl']:.2f}")
   poor = " (poor fit)" if not f["r2"] >= POOR_FIT_R2 else ""
   return (f"| {curve} | {f['alpha']:.4f} | {f['beta']:.4f} | {f['r2']:.3f}{poor} | {peak} | "
-          f"{m['peak_gold']:+.3f} at N = {m['peak_n']} | {m['last_gold']:+.3f} | "
+          f"{m['peak_gold']:+.3f} at {m['peak_at']} | {m['last_gold']:+.3f} | "
           f"{'yes' if m['overoptimised'] else 'no'} |")
 
 
 def findings(fitted: dict[str, dict], proxies: list[str], members: list[str]) -> list[str]:
   """Plain statements of what the measured curves show."""
   lines = []
-  for c in proxies:
+  for c in proxies + [c for c in fitted if c.startswith("rl/")]:
     m = fitted[c]["measured"]
     if m["overoptimised"]:
       verdict = ("over-optimisation: gold falls by more than 2 standard errors "
@@ -80,7 +80,7 @@ def findings(fitted: dict[str, dict], proxies: list[str], members: list[str]) ->
                  f"({m['noise_2se']:.3f}): not distinguishable from sampling noise.")
     else:
       verdict = "no fall of gold within this KL range."
-    lines.append(f"- {c}: gold peaks at N = {m['peak_n']} ({m['peak_gold']:+.3f}) and ends at "
+    lines.append(f"- {c}: gold peaks at {m['peak_at']} ({m['peak_gold']:+.3f}) and ends at "
                  f"{m['last_gold']:+.3f}; {verdict}")
   if members:
     single = np.mean([fitted[c]["measured"]["last_gold"] for c in members])
@@ -103,18 +103,25 @@ def write(out_dir: str, points: list[dict], rms: dict[str, dict], costs: dict[st
   if ensembles:
     plot(points, members[:1] + ensembles, os.path.join(out_dir, "bon_ensembles.png"),
          "Best-of-N against ensemble objectives (and one member)")
+  rl = [c for c in fitted if c.startswith("rl/")]
+  if rl:
+    plot(points, rl, os.path.join(out_dir, "rl_proxies.png"),
+         "PPO against proxy RMs of several strengths (held-out evaluations)")
   lines = ["# Reward over-optimisation lab", "", f"`{command}`", "",
            "## Proxy reward models", "", "| RM | training pairs | held-out accuracy | "
            "gold agreement |", "|---|---|---|---|"]
   for name, r in rms.items():
     lines.append(f"| {name} | {r['pairs']} | {r['eval_accuracy']:.3f} | "
                  f"{r.get('eval_gold_agreement', float('nan')):.3f} |")
-  lines += ["", "## Best-of-N: fits of R(d) = d (α − β d), d = sqrt(KL)", "",
-            "| curve | α | β | R² | fitted peak | measured peak | gold at largest N | "
+  lines += ["", "## Fits: best-of-N R(d) = d (α − β d), RL (`rl/…`) R(d) = d (α − β log d); "
+            "d = sqrt(KL)", "",
+            "| curve | α | β | R² | fitted peak | measured peak | gold at the end | "
             "over-optimised |", "|---|---|---|---|---|---|---|---|"]
   lines += [_fit_row(c, f) for c, f in fitted.items()]
   lines += ["", "## What the data shows", ""] + findings(fitted, proxies, members)
   lines += ["", "![proxies](bon_proxies.png)"]
+  if rl:
+    lines += ["", "![rl](rl_proxies.png)"]
   if ensembles:
     lines += ["", "![ensembles](bon_ensembles.png)"]
   lines += ["", "## Cost", "", "| part | seconds |", "|---|---|"]
