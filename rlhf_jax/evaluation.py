@@ -63,23 +63,45 @@ def finish(config, stage: str, runner, last: dict[str, float], summary: dict[str
   return final
 
 
+def held_out_scores(config, policy: artifacts.Policy, params, reward, sampler, score_fn,
+                    prompts, mesh, batch_size: int):
+  """(samples, {"rm_score", "gold_reward", "gold_reward_se"}) of `params` on the held-out
+  prompts, always drawn with the same key (`seed + 7`), so the start policy, the trained
+  one and every periodic evaluation are compared on the same draws. `sampler`: one sample
+  per prompt; `score_fn`: the jitted normalised RM score (None without an RM); the RM keys
+  only with an RM, the gold keys only with a bundled task."""
+  samples = sampling.sample_prompts(sampler, params, policy.tokenizer, prompts.eval, mesh,
+                                    config.data.max_prompt_len, batch_size,
+                                    jax.random.PRNGKey(config.seed + 7))
+  out = {}
+  if reward is not None:
+    scores = artifacts.sequence_scores(score_fn, reward.params, samples.seq, samples.seq_mask,
+                                       batch_size, mesh)
+    out["rm_score"] = float(np.mean(scores, dtype=np.float64))
+  if prompts.task is not None:
+    gold = np.array([prompts.task.gold_reward(q, a) for q, a in zip(prompts.eval, samples.texts)],
+                    np.float64)
+    out["gold_reward"] = float(gold.mean())
+    out["gold_reward_se"] = (float(gold.std(ddof=1) / np.sqrt(len(gold))) if len(gold) > 1
+                             else float("nan"))
+  return samples, out
+
+
 def held_out_summary(config, stage: str, policy: artifacts.Policy, trained_params, reward,
-                     sampler, score_fn, prompts, mesh, batch_size: int) -> dict[str, float]:
-  """`final/{sft,<stage>}_{gold_reward,rm_score}`. `sampler`: one sample per prompt;
-  `score_fn`: the jitted normalised RM score (None without an RM)."""
-  d = config.data
+                     sampler, score_fn, prompts, mesh, batch_size: int,
+                     with_kl: bool = False) -> dict[str, float]:
+  """`final/{sft,<stage>}_{gold_reward,rm_score}` (`held_out_scores` of both policies), and
+  with `with_kl` the trained policy's `final/kl` on its own held-out samples (`samples_kl`;
+  for a stage whose training does not measure the KL, e.g. DPO)."""
   out = {}
   for name, params in (("sft", policy.params), (stage, trained_params)):
-    samples = sampling.sample_prompts(sampler, params, policy.tokenizer, prompts.eval, mesh,
-                                      d.max_prompt_len, batch_size,
-                                      jax.random.PRNGKey(config.seed + 7))
-    if reward is not None:
-      scores = artifacts.sequence_scores(score_fn, reward.params, samples.seq,
-                                         samples.seq_mask, batch_size, mesh)
-      out[f"final/{name}_rm_score"] = float(np.mean(scores, dtype=np.float64))
-    if prompts.task is not None:
-      out[f"final/{name}_gold_reward"] = float(np.mean(
-          [prompts.task.gold_reward(q, a) for q, a in zip(prompts.eval, samples.texts)]))
+    samples, scores = held_out_scores(config, policy, params, reward, sampler, score_fn,
+                                      prompts, mesh, batch_size)
+    for key in ("rm_score", "gold_reward"):
+      if key in scores:
+        out[f"final/{name}_{key}"] = scores[key]
+  if with_kl:
+    out["final/kl"] = samples_kl(config, policy, trained_params, samples, mesh, batch_size)
   return out
 
 
@@ -104,40 +126,17 @@ def samples_kl(config, policy: artifacts.Policy, params, samples, mesh, batch_si
   return float(np.mean(np.concatenate(kl)[:len(samples.seq)], dtype=np.float64))
 
 
-def sampled_kl(config, policy: artifacts.Policy, params, sampler, prompts, mesh,
-               batch_size: int) -> float:
-  """`samples_kl` of fresh samples of `prompts` (for a stage whose training does not measure
-  the KL, e.g. DPO), drawn with the held-out summary's key."""
-  samples = sampling.sample_prompts(sampler, params, policy.tokenizer, prompts, mesh,
-                                    config.data.max_prompt_len, batch_size,
-                                    jax.random.PRNGKey(config.seed + 7))
-  return samples_kl(config, policy, params, samples, mesh, batch_size)
-
-
 def periodic_eval(config, policy: artifacts.Policy, reward, sampler, score_fn, prompts, mesh,
                   batch_size: int, params_of=lambda state: state.params):
   """`state -> metrics`, the held-out evaluation an RL stage runs every `train.eval_every`
   iterations: `eval/gold_reward` (bundled tasks), `eval/rm_score` (with an RM) and `eval/kl`
   (`samples_kl`) of the current policy's samples of the held-out prompts, with the same key
   every time, so the points trace one curve (the gold-reward lab's RL curves)."""
-  tok, task = policy.tokenizer, prompts.task
-
   def evaluate(state) -> dict[str, float]:
     params = params_of(state)
-    samples = sampling.sample_prompts(sampler, params, tok, prompts.eval, mesh,
-                                      config.data.max_prompt_len, batch_size,
-                                      jax.random.PRNGKey(config.seed + 7))
-    out = {"eval/kl": samples_kl(config, policy, params, samples, mesh, batch_size)}
-    if reward is not None:
-      scores = artifacts.sequence_scores(score_fn, reward.params, samples.seq,
-                                         samples.seq_mask, batch_size, mesh)
-      out["eval/rm_score"] = float(np.mean(scores, dtype=np.float64))
-    if task is not None:
-      gold = np.array([task.gold_reward(q, a) for q, a in zip(prompts.eval, samples.texts)],
-                      np.float64)
-      out["eval/gold_reward"] = float(gold.mean())
-      out["eval/gold_reward_se"] = float(gold.std(ddof=1) / np.sqrt(len(gold))) if (
-          len(gold) > 1) else float("nan")
-    return out
+    samples, scores = held_out_scores(config, policy, params, reward, sampler, score_fn,
+                                      prompts, mesh, batch_size)
+    return {"eval/kl": samples_kl(config, policy, params, samples, mesh, batch_size),
+            **{f"eval/{k}": v for k, v in scores.items()}}
 
   return evaluate

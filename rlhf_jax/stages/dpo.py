@@ -192,9 +192,7 @@ def _summary(config, policy, params, reward, task, prefs, eval_arrays, logps, me
   # PPO's default batch (64), so the SFT baseline draws the same samples as the RL stages'.
   bs = config.rm.data.generation_batch_size
   summary = evaluation.held_out_summary(config, "dpo", policy, params, reward, sampler, score,
-                                        held_out, mesh, bs)
-  summary["final/kl"] = evaluation.sampled_kl(config, policy, params, sampler, prompts, mesh,
-                                              bs)
+                                        held_out, mesh, bs, with_kl=True)
   for name, p in (("sft", policy.params), ("dpo", params)):
     chosen, rejected = _all_logps(lambda b, p=p: logps(p, b), eval_arrays, bs, mesh)
     summary[f"final/{name}_preference_accuracy"] = float(np.mean(chosen > rejected))
