@@ -20,7 +20,6 @@ instead of a wall time.
 from __future__ import annotations
 
 import ast
-import json
 import os
 import subprocess
 import sys
@@ -102,23 +101,18 @@ def _child(name: str) -> dict[str, float]:
   return {"wall_s": time.perf_counter() - t0, "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
-def _stage_rows(workdir: str, stage: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  with open(path) as f:
-    rows = [json.loads(line) for line in f]
-  return [r for r in rows if r.get("stage") == stage]
-
-
 def _sampled(cmp, workdir: str, name: str) -> tuple[int, int | None]:
   """(responses, tokens) sampled in training (best-of-N: to choose from; DPO: none)."""
   from rlhf_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   cfg = algorithm_config(cmp, name)
   if name == "best_of_n":
     return cfg.best_of_n.data.num_eval_prompts * max(cfg.best_of_n.n), None
   if name not in config_lib.RL_STAGES:
     return 0, 0
   per_iter = responses_per_iteration(cfg, name)
-  lengths = [r["response_length"] for r in _stage_rows(workdir, name) if "response_length" in r]
+  lengths = [r["response_length"] for r in metrics_lib.read_rows(workdir, name)
+             if "response_length" in r]
   return per_iter * cfg[name].num_iterations, round(per_iter * sum(lengths))
 
 
@@ -156,12 +150,13 @@ def plot(rows: list[dict], workdir: str, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
   for r in rows:
     if r["gold_reward"] is None or r["kl"] is None:
       continue
     if r["algorithm"] == "best_of_n":
-      per_n = [x for x in _stage_rows(workdir, "best_of_n")
+      per_n = [x for x in metrics_lib.read_rows(workdir, "best_of_n")
                if any(k.endswith("/gold_reward") and k.startswith("best_of_n/") for k in x)]
       pts = sorted((x[f"best_of_n/{x['step']}/kl"], x[f"best_of_n/{x['step']}/gold_reward"])
                    for x in per_n if f"best_of_n/{x['step']}/kl" in x)

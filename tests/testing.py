@@ -8,7 +8,6 @@ files, and `python tests/<name>_test.py`, whose directory is sys.path[0]).
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
 import tempfile
@@ -119,6 +118,5 @@ def from_shared(cfg):
 
 def metric_rows(workdir: str, stage: str | None = None) -> list[dict]:
   """The rows of `<workdir>/metrics.jsonl` (of one stage, if given)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return [r for r in rows if stage is None or r["stage"] == stage]
+  from rlhf_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  return metrics.read_rows(workdir, stage)

@@ -12,13 +12,13 @@ as the fit R_rl(d) = d (alpha - beta log d) assumes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from rlhf_jax import artifacts
 from rlhf_jax.data import records as records_lib
 from rlhf_jax.stages import ppo
+from rlhf_jax.train import metrics as metrics_lib
 
 
 def run(config, name: str, policy, reward, rm_metrics, mesh, workdir: str) -> list[dict]:
@@ -31,8 +31,7 @@ def run(config, name: str, policy, reward, rm_metrics, mesh, workdir: str) -> li
   if not artifacts.finished(os.path.join(out_dir, "ppo"), lab.rl.num_iterations):
     ppo.run(cfg, policy, reward, records_lib.load_prompts(cfg, "ppo"), mesh, out_dir,
             rm_metrics)
-  with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
+  rows = metrics_lib.read_rows(out_dir, "ppo")
   return points(f"rl/{name}", [r for r in rows if "eval/kl" in r],
                 artifacts.read_summary(os.path.join(out_dir, "ppo")))
 

@@ -66,6 +66,13 @@ class MetricsWriter:
       self._tb.close()
 
 
+def read_rows(workdir: str, stage: str | None = None) -> list[dict[str, Any]]:
+  """The rows of `<workdir>/metrics.jsonl` (of one stage, if given), in order."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if stage is None or r.get("stage") == stage]
+
+
 def check_finite(step: int, metrics: dict[str, float], keys=("loss", "grad_norm")):
   for k in keys:
     if k in metrics and not math.isfinite(metrics[k]):
