@@ -72,6 +72,15 @@ def _check_shared(config) -> None:
     TransformerConfig.from_config(dict(config.model, vocab_size=256))
 
 
+def increasing_ints(key: str, values) -> tuple[int, ...]:
+  """`values` as a tuple, checked to be strictly increasing positive integers."""
+  n = tuple(values)
+  if not n or any(not isinstance(k, int) or k < 1 for k in n) or list(n) != sorted(set(n)):
+    raise ValueError(f"{key} must be increasing positive integers, e.g. (1, 2, 4, 8); "
+                     f"got {n!r}.")
+  return n
+
+
 def _check_train(key: str, t) -> None:
   for name in ("log_every", "keep_checkpoints"):
     if name in t and t[name] < 1:
@@ -240,10 +249,7 @@ def _check_dpo(config) -> None:
 def _check_best_of_n(config) -> None:
   b = config.best_of_n
   _choice("best_of_n.reward", b.reward, ("model", "gold"))
-  n = tuple(b.n)
-  if not n or any(not isinstance(k, int) or k < 1 for k in n) or list(n) != sorted(set(n)):
-    raise ValueError(f"best_of_n.n must be increasing positive integers, e.g. (1, 2, 4, 8); "
-                     f"got {n!r}.")
+  increasing_ints("best_of_n.n", b.n)
   if b.reward == "gold" and (b.data.eval_prompts_path or config.rm_checkpoint):
     raise ValueError("best_of_n.reward='gold' ranks with a bundled task's gold reward: unset "
                      "best_of_n.data.eval_prompts_path and rm_checkpoint.")

@@ -41,18 +41,13 @@ from rlhf_jax.stages import best_of_n
 def check(config) -> None:
   """The lab section's constraints, one line naming the key."""
   lab = config.lab
-  pairs = tuple(lab.proxy_pairs)
-  if not pairs or any(not isinstance(n, int) or n < 1 for n in pairs) or (
-      list(pairs) != sorted(set(pairs))):
-    raise ValueError(f"lab.proxy_pairs must be increasing positive integers, got {pairs!r}.")
+  validate.increasing_ints("lab.proxy_pairs", lab.proxy_pairs)
   if lab.ensemble_size == 1 or lab.ensemble_size < 0:
     raise ValueError(f"lab.ensemble_size is {lab.ensemble_size}: use 0 (no ensemble) or >= 2.")
   for name in lab.objectives:
     ensembles.ENSEMBLE_OBJECTIVES.check(name)
-  n = tuple(lab.bon.n)
-  if not n or n[0] != 1 or list(n) != sorted(set(n)):
-    raise ValueError(f"lab.bon.n must be increasing and start at 1 (the SFT baseline), got "
-                     f"{n!r}.")
+  if validate.increasing_ints("lab.bon.n", lab.bon.n)[0] != 1:
+    raise ValueError(f"lab.bon.n must start at 1 (the SFT baseline), got {tuple(lab.bon.n)!r}.")
   for key in ("num_prompts", "batch_size"):
     if not lab.bon[key] > 0:
       raise ValueError(f"lab.bon.{key} must be positive, got {lab.bon[key]}.")
