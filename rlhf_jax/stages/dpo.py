@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 from typing import Any
 
@@ -156,7 +157,6 @@ def reference_logps(workdir: str | None, split: str, arrays, logps_fn, batch_siz
   chosen, rejected = _all_logps(logps_fn, arrays, batch_size, mesh)
   stored = {"ref_chosen_logp": chosen, "ref_rejected_logp": rejected}
   if path and jax.process_index() == 0:
-    import io  # pylint: disable=g-import-not-at-top
     buf = io.BytesIO()
     np.savez(buf, **stored)
     os.makedirs(out_dir, exist_ok=True)
