@@ -17,16 +17,18 @@ def get_config(preset: str = ""):
       uncertainty_lambda=0.5,  # mean - lambda * std
       bon=dict(n=(1, 2, 4, 8, 16, 32, 64, 128, 256), num_prompts=64,
                batch_size=2),  # prompts per sampling call: batch_size * max(n) rows
-      # PPO against each proxy (the ppo section's settings), driven further than the default,
-      # with a held-out eval/* point every eval_every iterations; num_iterations 0: no RL.
-      rl=dict(num_iterations=120, eval_every=10),
+      # PPO against each proxy and each of `objectives` of the ensemble (the ppo section's
+      # settings), driven further than the default, with a held-out eval/* point every
+      # eval_every iterations; num_iterations 0: no RL.
+      rl=dict(num_iterations=120, eval_every=10,
+              objectives=("mean", "worst_case", "uncertainty_weighted")),
   ))
   c.ppo.data.num_eval_prompts = 128
   c.rm.data.num_train_prompts = 8192  # ~4000 kept pairs (ties and duplicates are dropped)
   if preset == "test":
     c.lab.update(proxy_pairs=(16, 32, 64), ensemble_size=2, ensemble_pairs=32)
     c.lab.bon.update(n=(1, 2, 4, 8), num_prompts=16, batch_size=4)
-    c.lab.rl.update(num_iterations=4, eval_every=2)
+    c.lab.rl.update(num_iterations=4, eval_every=2, objectives=("worst_case",))
     c.rm.data.num_train_prompts = 256
   c.lock()
   return c

@@ -62,6 +62,12 @@ class RewardFunction:
   def score(self, params, tokens_BxT, mask_BxT):
     return self.gain * eval_model(self.graphdef, params)(tokens_BxT, mask_BxT) + self.bias
 
+  @property
+  def critic_source(self) -> "RewardFunction":
+    """The RM whose trunk and calibrated head start PPO's `critic="reward"`: this one (an
+    ensemble names its first member)."""
+    return self
+
 
 def raw_score_fn(graphdef):
   """A jitted `(params, tokens, mask) -> [B]`: the raw (unnormalised) score of an RM."""

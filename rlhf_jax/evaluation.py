@@ -9,7 +9,9 @@ gold reward reads the decoded texts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -63,13 +65,32 @@ def finish(config, stage: str, runner, last: dict[str, float], summary: dict[str
   return final
 
 
+@dataclasses.dataclass
+class Monitor:
+  """An ensemble of RMs watched, not optimised (`monitor(ensemble)`): `scores(params, tokens,
+  mask) -> [K, B]`, jitted once."""
+  params: Any
+  scores: Callable
+
+
+def monitor(ensemble) -> Monitor | None:
+  """A `Monitor` of a `lab.ensemble.RewardEnsemble` (None passes through)."""
+  return None if ensemble is None else Monitor(ensemble.params, jax.jit(ensemble.scores))
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+  x = np.asarray(x, np.float64)
+  return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
 def held_out_scores(config, policy: artifacts.Policy, params, reward, sampler, score_fn,
-                    prompts, mesh, batch_size: int):
+                    prompts, mesh, batch_size: int, watch: Monitor | None = None):
   """(samples, {"rm_score", "gold_reward", "gold_reward_se"}) of `params` on the held-out
   prompts, always drawn with the same key (`seed + 7`), so the start policy, the trained
   one and every periodic evaluation are compared on the same draws. `sampler`: one sample
   per prompt; `score_fn`: the jitted normalised RM score (None without an RM); the RM keys
-  only with an RM, the gold keys only with a bundled task."""
+  only with an RM, the gold keys only with a bundled task. With `watch`, also
+  "ensemble_std" (the members' disagreement, `rl/ensembles.disagreement`) and its SE."""
   samples = sampling.sample_prompts(sampler, params, policy.tokenizer, prompts.eval, mesh,
                                     config.data.max_prompt_len, batch_size,
                                     jax.random.PRNGKey(config.seed + 7))
@@ -78,26 +99,30 @@ def held_out_scores(config, policy: artifacts.Policy, params, reward, sampler, s
     scores = artifacts.sequence_scores(score_fn, reward.params, samples.seq, samples.seq_mask,
                                        batch_size, mesh)
     out["rm_score"] = float(np.mean(scores, dtype=np.float64))
+  if watch is not None:
+    stds = sharding.for_each_batch(
+        lambda _, b: watch.scores(watch.params, b["t"], b["m"]).std(axis=0),
+        {"t": samples.seq, "m": samples.seq_mask}, batch_size, mesh)
+    out["ensemble_std"], out["ensemble_std_se"] = _mean_se(
+        np.concatenate(stds)[:len(samples.seq)])
   if prompts.task is not None:
-    gold = np.array([prompts.task.gold_reward(q, a) for q, a in zip(prompts.eval, samples.texts)],
-                    np.float64)
-    out["gold_reward"] = float(gold.mean())
-    out["gold_reward_se"] = (float(gold.std(ddof=1) / np.sqrt(len(gold))) if len(gold) > 1
-                             else float("nan"))
+    gold = [prompts.task.gold_reward(q, a) for q, a in zip(prompts.eval, samples.texts)]
+    out["gold_reward"], out["gold_reward_se"] = _mean_se(gold)
   return samples, out
 
 
 def held_out_summary(config, stage: str, policy: artifacts.Policy, trained_params, reward,
                      sampler, score_fn, prompts, mesh, batch_size: int,
-                     with_kl: bool = False) -> dict[str, float]:
-  """`final/{sft,<stage>}_{gold_reward,rm_score}` (`held_out_scores` of both policies), and
-  with `with_kl` the trained policy's `final/kl` on its own held-out samples (`samples_kl`;
-  for a stage whose training does not measure the KL, e.g. DPO)."""
+                     with_kl: bool = False, watch: Monitor | None = None) -> dict[str, float]:
+  """`final/{sft,<stage>}_{gold_reward,rm_score}` (`held_out_scores` of both policies; with
+  `watch` also `_ensemble_std`), and with `with_kl` the trained policy's `final/kl` on its
+  own held-out samples (`samples_kl`; for a stage whose training does not measure the KL,
+  e.g. DPO)."""
   out = {}
   for name, params in (("sft", policy.params), (stage, trained_params)):
     samples, scores = held_out_scores(config, policy, params, reward, sampler, score_fn,
-                                      prompts, mesh, batch_size)
-    for key in ("rm_score", "gold_reward"):
+                                      prompts, mesh, batch_size, watch)
+    for key in ("rm_score", "gold_reward", "gold_reward_se", "ensemble_std", "ensemble_std_se"):
       if key in scores:
         out[f"final/{name}_{key}"] = scores[key]
   if with_kl:
@@ -127,15 +152,17 @@ def samples_kl(config, policy: artifacts.Policy, params, samples, mesh, batch_si
 
 
 def periodic_eval(config, policy: artifacts.Policy, reward, sampler, score_fn, prompts, mesh,
-                  batch_size: int, params_of=lambda state: state.params):
+                  batch_size: int, params_of=lambda state: state.params,
+                  watch: Monitor | None = None):
   """`state -> metrics`, the held-out evaluation an RL stage runs every `train.eval_every`
-  iterations: `eval/gold_reward` (bundled tasks), `eval/rm_score` (with an RM) and `eval/kl`
-  (`samples_kl`) of the current policy's samples of the held-out prompts, with the same key
-  every time, so the points trace one curve (the gold-reward lab's RL curves)."""
+  iterations: `eval/gold_reward` (bundled tasks), `eval/rm_score` (with an RM), `eval/kl`
+  (`samples_kl`) and with `watch` `eval/ensemble_std` of the current policy's samples of the
+  held-out prompts, with the same key every time, so the points trace one curve (the
+  gold-reward lab's RL curves)."""
   def evaluate(state) -> dict[str, float]:
     params = params_of(state)
     samples, scores = held_out_scores(config, policy, params, reward, sampler, score_fn,
-                                      prompts, mesh, batch_size)
+                                      prompts, mesh, batch_size, watch)
     return {"eval/kl": samples_kl(config, policy, params, samples, mesh, batch_size),
             **{f"eval/{k}": v for k, v in scores.items()}}
 

@@ -46,6 +46,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("exp", "expert"),
     ("norm", None),
     ("scalar", None),  # output dim of value / reward heads
+    ("ensemble", "expert"),  # the member axis of stacked reward-model ensembles (lab/)
 )
 
 BATCH_AXES = ("data", "fsdp", "expert")  # Mesh axes that split the global batch.
@@ -164,6 +165,25 @@ def init_sharded(create_model: Callable[[], nnx.Module], mesh: Mesh, rules=LOGIC
   with use_mesh(mesh, rules):
     params = jax.jit(init, out_shardings=shardings)()
   return graphdef, params
+
+
+def stacked_sharding(member, size: int, logical: str = "ensemble",
+                     rules=LOGICAL_AXIS_RULES) -> NamedSharding | None:
+  """The sharding of `size` arrays stacked on a new leading axis named `logical`, each laid out
+  as `member`: the new axis goes over its rule's mesh axes that `member` leaves free (an MoE
+  member already split over `expert` keeps it, and the stack is replicated instead). None
+  (let jit decide) for arrays that are not on a mesh."""
+  if not isinstance(member, NamedSharding):
+    return None
+  free = tuple(a for a in jax.tree.leaves(tuple(logical_to_spec((logical,), rules)))
+               if a not in jax.tree.leaves(tuple(member.spec)))
+  n = math.prod(member.mesh.shape[a] for a in free)
+  if size % n:
+    raise ValueError(f"{size} stacked members (logical axis {logical!r}) do not divide mesh "
+                     f"axis {'x'.join(free)} of size {n}: use a multiple of {n} members or "
+                     f"--config.mesh.{free[0]}=1.")
+  lead = None if not free else (free[0] if len(free) == 1 else free)
+  return NamedSharding(member.mesh, P(lead, *member.spec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -100,6 +100,34 @@ if __name__ == "__main__":
   absltest.main()
 
 
+class WarningTest(absltest.TestCase):
+
+  def _curve(self, stds, golds, se=0.01):
+    return [{"curve": "rl/x", "method": "rl", "iteration": 10 * i, "kl": float(i),
+             "d": float(i) ** 0.5, "gold": g, "gold_se": 0.02, "proxy": float(i),
+             "ensemble_std": s, "ensemble_std_se": se} for i, (s, g) in
+            enumerate(zip(stds, golds))]
+
+  def test_onset_is_the_first_rise_beyond_two_standard_errors(self):
+    from rlhf_jax.lab import warning  # pylint: disable=g-import-not-at-top
+    # 2 SE of the difference is 2 * sqrt(2) * 0.01 = 0.0283: +0.02 is noise, +0.03 is not
+    pts = self._curve([0.30, 0.32, 0.33, 0.50], [0.0, 0.3, 0.5, 0.1])
+    self.assertEqual(warning.onset(pts)["iteration"], 20)
+    v = warning.verdict(pts)  # gold peaks at 20 and falls by 0.4 >> noise
+    self.assertEqual((v["onset_iteration"], v["peak_iteration"], v["overoptimised"],
+                      v["warned_before_fall"]), (20, 20, True, True))
+    self.assertIn("0 iterations before the fall began", warning.sentence("rl/x", v))
+    late = warning.verdict(self._curve([0.30, 0.31, 0.31, 0.50], [0.0, 0.3, 0.5, 0.1]))
+    self.assertEqual((late["onset_iteration"], late["warned_before_fall"]), (30, False))
+    self.assertIn("did not warn", warning.sentence("rl/x", late))
+    rising = warning.verdict(self._curve([0.30, 0.40, 0.50, 0.60], [0.0, 0.1, 0.2, 0.3]))
+    self.assertIsNone(rising["warned_before_fall"])  # gold never fell: nothing to warn of
+    self.assertIn("no fall to warn of", warning.sentence("rl/x", rising))
+    self.assertIsNone(warning.onset(self._curve([0.3, 0.3, 0.3], [0.0, 0.1, 0.2])))
+    self.assertIsNone(warning.verdict([{k: v for k, v in p.items() if "ensemble" not in k}
+                                       for p in pts]))
+
+
 class RewardEnsembleTest(absltest.TestCase):
 
   def test_stacked_forward_equals_each_member(self):
@@ -119,15 +147,52 @@ class RewardEnsembleTest(absltest.TestCase):
     got = np.asarray(jax.jit(ens.scores)(ens.params, tokens, mask))
     want = np.stack([np.asarray(jax.jit(m.score)(m.params, tokens, mask)) for m in members])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    worst = jax.jit(lambda p, t, m: ens.score(p, t, m, "worst_case"))
-    np.testing.assert_allclose(np.asarray(worst(ens.params, tokens, mask)), want.min(0),
-                               rtol=1e-5, atol=1e-5)
-    self.assertEqual(ens.size, 3)
+    worst = ens.with_objective("worst_case")
+    np.testing.assert_allclose(np.asarray(jax.jit(worst.score)(worst.params, tokens, mask)),
+                               want.min(0), rtol=1e-5, atol=1e-5)
+    self.assertEqual((ens.size, ens.objective, ens.critic_source), (3, "mean", members[0]))
+    with self.assertRaisesRegex(ValueError, "ensemble.objective is 'median'"):
+      ens.with_objective("median")
     other = TransformerConfig(vocab_size=31, d_model=16, num_layers=2, num_heads=2,
                               num_kv_heads=1, mlp_dim=32)
     with self.assertRaisesRegex(ValueError, "member 1's network differs"):
       ensemble.RewardEnsemble.stack([members[0], dataclasses.replace(members[1],
                                                                      model_config=other)])
+
+
+  def test_ensemble_axis_sharded_on_the_mesh(self):
+    """Members placed on a data x expert mesh: the stack splits its member axis over `expert`
+    (one member per device pair) and scores as the members do on one device."""
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    import testing  # pylint: disable=g-import-not-at-top
+    from rlhf_jax import artifacts, sharding  # pylint: disable=g-import-not-at-top
+    from rlhf_jax.lab import ensemble  # pylint: disable=g-import-not-at-top
+    from rlhf_jax.models import RewardModel, TransformerConfig  # pylint: disable=g-import-not-at-top
+    cfg = TransformerConfig(vocab_size=31, d_model=16, num_layers=1, num_heads=2,
+                            num_kv_heads=1, mlp_dim=32)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1, expert=4))
+    members, want = [], []
+    tokens, mask = testing.left_padded_batch(np.random.default_rng(1), (3, 6, 1, 5, 2, 6, 4, 6),
+                                             6, 31)
+    for k in range(4):
+      graphdef, state, _ = testing.random_state(lambda: RewardModel(cfg, nnx.Rngs(0)), seed=k)
+      one = artifacts.RewardFunction(graphdef, state, 1.0 + k, 0.1 * k, cfg, None)
+      want.append(np.asarray(jax.jit(one.score)(one.params, tokens, mask)))
+      members.append(dataclasses.replace(one, params=jax.device_put(
+          state, sharding.param_shardings(state, mesh))))
+    ens = ensemble.RewardEnsemble.stack(members, "uncertainty_weighted", 0.3)
+    leaf = jax.tree.leaves(ens.params)[0]
+    self.assertEqual(leaf.sharding.spec[0], "expert")
+    self.assertLen(leaf.addressable_shards[0].data, 1)  # one member per device
+    with sharding.use_mesh(mesh):
+      batch = sharding.shard_batch({"t": tokens, "m": mask}, mesh)
+      got = np.asarray(jax.jit(ens.scores)(ens.params, batch["t"], batch["m"]))
+      combined = np.asarray(jax.jit(ens.score)(ens.params, batch["t"], batch["m"]))
+    want = np.stack(want)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(combined, want.mean(0) - 0.3 * want.std(0), rtol=1e-5, atol=1e-5)
+    with self.assertRaisesRegex(ValueError, "3 stacked members .* mesh axis expert of size 4"):
+      ensemble.RewardEnsemble.stack(members[:3])
 
 
 class LabRunTest(absltest.TestCase):
@@ -167,11 +232,19 @@ class LabRunTest(absltest.TestCase):
         points = [json.loads(line) for line in f]
       with open(os.path.join(out, "report.md")) as f:
         text = f.read()
-      for name in ("fits.json", "bon_proxies.png", "bon_ensembles.png", "rl_proxies.png"):
+      for name in ("fits.json", "bon_proxies.png", "bon_ensembles.png", "rl_proxies.png",
+                   "rl_ensembles.png", "rl_warning.png"):
         self.assertTrue(os.path.exists(os.path.join(out, name)), name)
+      with open(os.path.join(out, "rl_ensemble_worst_case", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     bon = ["pairs_16", "pairs_256", "member_0", "member_1", "ensemble/mean",
            "ensemble/worst_case", "ensemble/uncertainty_weighted"]
-    rl = ["rl/pairs_16", "rl/pairs_256"]  # PPO, 4 iterations, evaluated at 2 and 4
+    # PPO, 4 iterations, evaluated at 2 and 4, against each proxy and the worst-case objective
+    rl = ["rl/pairs_16", "rl/pairs_256", "rl/ensemble/worst_case"]
+    trained = [r for r in rows if r["stage"] == "ppo" and "loss" in r]
+    self.assertLen(trained, 4)
+    for r in trained:  # the early-warning signal, every iteration, without gold
+      self.assertGreaterEqual(r["reward/ensemble_std"], 0.0)
     curves = bon + rl
     self.assertCountEqual(list(fitted), curves)
     self.assertLen(points, len(bon) * 4 + len(rl) * 3)
@@ -182,11 +255,16 @@ class LabRunTest(absltest.TestCase):
           self.assertEqual((p["kl"], p["gold"]), (0.0, 0.0))
         else:
           self.assertGreater(p["kl"], 0.0)
+        self.assertGreater(p["ensemble_std_se"], 0.0)
         continue
       if p["n"] == 1:  # N = 1 keeps the first sample whatever the ranking: the SFT baseline
         self.assertEqual((p["kl"], p["gold"]), (0.0, 0.0))
       self.assertAlmostEqual(p["kl"], core.best_of_n_kl(p["n"]), places=6)
     self.assertEqual(fitted["rl/pairs_16"]["form"], "rl")
+    for curve in rl:
+      self.assertIn(fitted[curve]["warning"]["warned_before_fall"], (None, True, False))
+      self.assertIn(f"- {curve}: disagreement", text)
+    self.assertIn("- rl/ensemble/worst_case vs rl/pairs_256: gold at the end", text)
     for curve in curves:
       self.assertIn(f"| {curve} |", text)
       self.assertTrue(np.isfinite(fitted[curve]["r2"]), curve)

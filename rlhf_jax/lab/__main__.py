@@ -11,11 +11,11 @@ proxy reward and the gold reward part as best-of-N selects harder (Gao, Schulman
      (`lab/proxies.py`);
   3. one best-of-N sampling run on held-out prompts, scored by gold, every proxy and the
      ensemble (one vmapped forward, `lab/ensemble.py`); every curve (`lab/bon_curves.py`);
-  4. PPO against each proxy with held-out evaluations along the way (`lab/rl_curves.py`);
-  5. `<workdir>/lab/points.jsonl`, `fits.json`, `bon_*.png`, `rl_proxies.png` and
-     `report.md` (`lab/report.py`).
-
-Not built yet (issue 17): RL against the ensemble objectives and the early-warning signal.
+  4. PPO against each proxy and each ensemble objective, with held-out evaluations along the
+     way (`lab/rl_curves.py`), the ensemble's disagreement logged as the early-warning signal
+     (`lab/warning.py`);
+  5. `<workdir>/lab/points.jsonl`, `fits.json`, `bon_*.png`, `rl_*.png` and `report.md`
+     (`lab/report.py`).
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ def check(config) -> None:
   for key in ("num_iterations", "eval_every"):
     if lab.rl[key] < 0:
       raise ValueError(f"lab.rl.{key} must be >= 0, got {lab.rl[key]}.")
+  for name in lab.rl.objectives:
+    ensembles.ENSEMBLE_OBJECTIVES.check(name)
+  if lab.rl.num_iterations and lab.rl.objectives and not lab.ensemble_size:
+    raise ValueError("lab.rl.objectives needs an ensemble: set lab.ensemble_size >= 2 or "
+                     "lab.rl.objectives=().")
   if lab.rl.num_iterations and not lab.rl.eval_every:
     raise ValueError("lab.rl.eval_every must be positive: the RL curves are its evaluations.")
   if lab.rl.num_iterations and config.ppo.reward != "model":
@@ -85,7 +90,7 @@ def _train_rms(config, policy, prefs, task, mesh, workdir, bar, costs):
   return rms, rewards
 
 
-def _curves(config, policy, task, rewards, mesh, bar, costs) -> list[dict]:
+def _curves(config, policy, task, rewards, ens, mesh, bar, costs) -> list[dict]:
   lab = config.lab
   t0 = time.perf_counter()
   prompts = [r["prompt"] for r in task.prompts(lab.bon.num_prompts, config.seed, "eval")]
@@ -95,13 +100,11 @@ def _curves(config, policy, task, rewards, mesh, bar, costs) -> list[dict]:
   costs["best-of-N sampling + gold"] = time.perf_counter() - t0
   bar.update(1)
   t0, rows, points = time.perf_counter(), lab.bon.batch_size * g, []
-  members = [r for n, r in rewards.items() if n.startswith("member_")]
   for name, reward in rewards.items():
     if name.startswith("pairs_"):
       proxy = _scores(jax.jit(reward.score), reward.params, samples, rows, mesh)
       points += bon_curves.points(name, proxy.reshape(len(prompts), g), gold, lab.bon.n)
-  if members:
-    ens = ensemble.RewardEnsemble.stack(members)
+  if ens is not None:
     scores_KxN = _scores(jax.jit(ens.scores), ens.params, samples, rows, mesh)
     for k, s in enumerate(scores_KxN):
       points += bon_curves.points(f"member_{k}", s.reshape(len(prompts), g), gold, lab.bon.n)
@@ -121,7 +124,8 @@ def run(config, workdir: str, command: str = "python -m rlhf_jax.lab") -> dict:
   mesh = sharding.make_mesh(config.mesh)
   lab = config.lab
   num_rms = len(lab.proxy_pairs) + lab.ensemble_size
-  num_rl = len(lab.proxy_pairs) if lab.rl.num_iterations else 0
+  num_rl = (len(lab.proxy_pairs) + len(lab.rl.objectives) * bool(lab.ensemble_size)
+            if lab.rl.num_iterations else 0)
   bar = tqdm.tqdm(total=num_rms + num_rl + 4, desc="lab", unit="part", file=sys.stderr)
   costs = {}
   t0 = time.perf_counter()
@@ -132,10 +136,15 @@ def run(config, workdir: str, command: str = "python -m rlhf_jax.lab") -> dict:
   costs["SFT, pairs, default RM"] = time.perf_counter() - t0
   bar.update(1)
   rms, rewards = _train_rms(config, out.policy, prefs, task, mesh, workdir, bar, costs)
-  points = _curves(config, out.policy, task, rewards, mesh, bar, costs)
-  for name in (n for n in rewards if n.startswith("pairs_") and num_rl):
+  members = [r for n, r in rewards.items() if n.startswith("member_")]
+  ens = (ensemble.RewardEnsemble.stack(members, lam=lab.uncertainty_lambda) if members
+         else None)
+  points = _curves(config, out.policy, task, rewards, ens, mesh, bar, costs)
+  runs = [(n, rewards[n], rms[n]) for n in rewards if n.startswith("pairs_")]
+  runs += [(f"ensemble/{o}", ens.with_objective(o), None) for o in lab.rl.objectives if ens]
+  for name, reward, rm_metrics in (runs if num_rl else []):
     t0 = time.perf_counter()
-    points += rl_curves.run(config, name, out.policy, rewards[name], rms[name], mesh, workdir)
+    points += rl_curves.run(config, name, out.policy, reward, rm_metrics, mesh, workdir, ens)
     costs[f"PPO against {name}"] = time.perf_counter() - t0
     bar.update(1)
   out_dir = os.path.join(workdir, "lab")

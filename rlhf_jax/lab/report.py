@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from rlhf_jax.fileio import atomic_write, write_json
-from rlhf_jax.lab import bon_curves, fits
+from rlhf_jax.lab import bon_curves, fits, warning
 
 POOR_FIT_R2 = 0.8
 
@@ -26,11 +26,14 @@ def by_curve(points: list[dict]) -> dict[str, list[dict]]:
 
 
 def fit_curves(points: list[dict]) -> dict[str, dict]:
-  """curve -> its fit (alpha, beta, R^2, fitted peak) and the measured peak."""
+  """curve -> its fit (alpha, beta, R^2, fitted peak), the measured peak and, for RL curves
+  watched by an ensemble, the early-warning verdict (`lab/warning.py`)."""
   out = {}
   for curve, pts in by_curve(points).items():
     f = fits.fit(pts[0]["method"], [p["kl"] for p in pts], [p["gold"] for p in pts])
     out[curve] = {**f.to_json(), "measured": bon_curves.peak(pts)}
+    if pts[0]["method"] == "rl" and "ensemble_std" in pts[0]:
+      out[curve]["warning"] = warning.verdict(pts)
   return out
 
 
@@ -89,6 +92,44 @@ def findings(fitted: dict[str, dict], proxies: list[str], members: list[str]) ->
       verdict = "helps" if last > single else "does not help"  # vs the members it combines
       lines.append(f"- {c}: gold at the largest N {last:+.3f} vs {single:+.3f} for a single "
                    f"member on average: the ensemble {verdict} here.")
+  rl_single = [c for c in fitted if c.startswith("rl/pairs_")]
+  for c in (c for c in fitted if c.startswith("rl/ensemble/")):
+    m = fitted[c]["measured"]
+    for other in rl_single:  # vs each single RM, at the end and at its best
+      o = fitted[other]["measured"]
+      verdict = "helps" if m["last_gold"] > o["last_gold"] + o["noise_2se"] / 2 else (
+          "does not help" if m["last_gold"] < o["last_gold"] - o["noise_2se"] / 2 else
+          "makes no difference beyond noise")
+      lines.append(f"- {c} vs {other}: gold at the end {m['last_gold']:+.3f} vs "
+                   f"{o['last_gold']:+.3f} (peaks {m['peak_gold']:+.3f} vs "
+                   f"{o['peak_gold']:+.3f}): the ensemble objective {verdict}.")
+  return lines
+
+
+def _groups(fitted: dict[str, dict]) -> dict[str, list[str]]:
+  return {"bon_ens": [c for c in fitted if c.startswith("ensemble/")],
+          "rl": [c for c in fitted if c.startswith("rl/pairs_")],
+          "rl_ens": [c for c in fitted if c.startswith("rl/ensemble/")],
+          "watched": [c for c in fitted if fitted[c].get("warning")]}
+
+
+def _plots(out_dir: str, points: list[dict], fitted: dict, proxies: list[str],
+           members: list[str]) -> list[str]:
+  """Draws the figures; their markdown lines."""
+  g, lines = _groups(fitted), []
+  figures = [("bon_proxies.png", proxies, "Best-of-N against proxy RMs of several strengths"),
+             ("rl_proxies.png", g["rl"],
+              "PPO against proxy RMs of several strengths (held-out evaluations)"),
+             ("bon_ensembles.png", members[:1] + g["bon_ens"] if g["bon_ens"] else [],
+              "Best-of-N against ensemble objectives (and one member)"),
+             ("rl_ensembles.png", g["rl"][-1:] + g["rl_ens"] if g["rl_ens"] else [],
+              "PPO against ensemble objectives (and the strongest single proxy)")]
+  for name, curves, title in figures:
+    if curves:
+      plot(points, curves, os.path.join(out_dir, name), title)
+      lines += ["", f"![{name[:-4]}]({name})"]
+  if g["watched"]:
+    warning.plot(by_curve(points), g["watched"], os.path.join(out_dir, "rl_warning.png"))
   return lines
 
 
@@ -97,16 +138,7 @@ def write(out_dir: str, points: list[dict], rms: dict[str, dict], costs: dict[st
   """Writes fits.json, the plots and report.md into `out_dir`; returns the fits."""
   fitted = fit_curves(points)
   write_json(os.path.join(out_dir, "fits.json"), fitted)
-  ensembles = [c for c in fitted if c.startswith("ensemble/")]
-  plot(points, proxies, os.path.join(out_dir, "bon_proxies.png"),
-       "Best-of-N against proxy RMs of several strengths")
-  if ensembles:
-    plot(points, members[:1] + ensembles, os.path.join(out_dir, "bon_ensembles.png"),
-         "Best-of-N against ensemble objectives (and one member)")
-  rl = [c for c in fitted if c.startswith("rl/")]
-  if rl:
-    plot(points, rl, os.path.join(out_dir, "rl_proxies.png"),
-         "PPO against proxy RMs of several strengths (held-out evaluations)")
+  figures = _plots(out_dir, points, fitted, proxies, members)
   lines = ["# Reward over-optimisation lab", "", f"`{command}`", "",
            "## Proxy reward models", "", "| RM | training pairs | held-out accuracy | "
            "gold agreement |", "|---|---|---|---|"]
@@ -118,12 +150,15 @@ def write(out_dir: str, points: list[dict], rms: dict[str, dict], costs: dict[st
             "| curve | α | β | R² | fitted peak | measured peak | gold at the end | "
             "over-optimised |", "|---|---|---|---|---|---|---|---|"]
   lines += [_fit_row(c, f) for c, f in fitted.items()]
-  lines += ["", "## What the data shows", ""] + findings(fitted, proxies, members)
-  lines += ["", "![proxies](bon_proxies.png)"]
-  if rl:
-    lines += ["", "![rl](rl_proxies.png)"]
-  if ensembles:
-    lines += ["", "![ensembles](bon_ensembles.png)"]
+  lines += ["", "## What the data shows", ""] + findings(fitted, proxies, members) + figures
+  watched = _groups(fitted)["watched"]
+  if watched:
+    lines += ["", "## Early warning: the ensemble's disagreement during PPO", "",
+              "Disagreement is the members' std of their (SFT-normalised) scores of the "
+              "held-out samples, averaged; its onset is the first evaluation more than 2 "
+              "standard errors above the SFT policy's.", ""]
+    lines += [warning.sentence(c, fitted[c]["warning"]) for c in watched]
+    lines += ["", "![warning](rl_warning.png)"]
   lines += ["", "## Cost", "", "| part | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.0f} |" for k, v in costs.items()]
   atomic_write(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")

@@ -1,11 +1,12 @@
-"""RL curves: PPO against each proxy RM, the held-out gold and proxy reward every few
-iterations against the sampled KL to the SFT policy.
+"""RL curves: PPO against each proxy RM (or ensemble objective), the held-out gold and proxy
+reward every few iterations against the sampled KL to the SFT policy.
 
 Each run is the PPO stage (`stages/ppo.py`, the config's `ppo` section) from the SFT policy
 with the proxy as its reward, `lab.rl.num_iterations` long, evaluating every
 `lab.rl.eval_every` iterations (`ppo.train.eval_every`: `eval/kl`, `eval/gold_reward` and its
-standard error, `eval/rm_score` on the held-out prompts, one key throughout). It runs in
-`<workdir>/lab/rl_<proxy>` (resumed, reused when finished). The first point is the SFT
+standard error, `eval/rm_score` on the held-out prompts, one key throughout, and with an
+ensemble watching, `eval/ensemble_std`: the early-warning signal of `lab/warning.py`). It runs
+in `<workdir>/lab/rl_<proxy>` (`/` in the name becomes `_`; resumed, reused when finished). The first point is the SFT
 policy's (d = 0, from the summary on the same prompts and key), and gold is relative to it,
 as the fit R_rl(d) = d (alpha - beta log d) assumes.
 """
@@ -21,16 +22,18 @@ from rlhf_jax.stages import ppo
 from rlhf_jax.train import metrics as metrics_lib
 
 
-def run(config, name: str, policy, reward, rm_metrics, mesh, workdir: str) -> list[dict]:
-  """The points of PPO against proxy `name` (trained now, or read back when finished)."""
+def run(config, name: str, policy, reward, rm_metrics, mesh, workdir: str,
+        monitor=None) -> list[dict]:
+  """The points of PPO against proxy `name` (trained now, or read back when finished);
+  `monitor`: the RM ensemble whose disagreement is logged."""
   lab = config.lab
   cfg = config.copy_and_resolve_references()
   cfg.ppo.num_iterations = lab.rl.num_iterations
   cfg.ppo.train.eval_every = lab.rl.eval_every
-  out_dir = os.path.join(workdir, "lab", f"rl_{name}")
+  out_dir = os.path.join(workdir, "lab", "rl_" + name.replace("/", "_"))
   if not artifacts.finished(os.path.join(out_dir, "ppo"), lab.rl.num_iterations):
     ppo.run(cfg, policy, reward, records_lib.load_prompts(cfg, "ppo"), mesh, out_dir,
-            rm_metrics)
+            rm_metrics, monitor)
   rows = metrics_lib.read_rows(out_dir, "ppo")
   return points(f"rl/{name}", [r for r in rows if "eval/kl" in r],
                 artifacts.read_summary(os.path.join(out_dir, "ppo")))
@@ -39,12 +42,20 @@ def run(config, name: str, policy, reward, rm_metrics, mesh, workdir: str) -> li
 def points(curve: str, eval_rows: list[dict], summary: dict) -> list[dict]:
   """The SFT point, then one per held-out evaluation (gold relative to SFT's)."""
   base = summary["final/sft_gold_reward"]
-  out = [{"curve": curve, "method": "rl", "iteration": 0, "kl": 0.0, "d": 0.0, "gold": 0.0,
-          "gold_se": float("nan"), "proxy": summary.get("final/sft_rm_score", float("nan"))}]
+  sft = {"curve": curve, "method": "rl", "iteration": 0, "kl": 0.0, "d": 0.0, "gold": 0.0,
+         "gold_se": summary.get("final/sft_gold_reward_se", float("nan")),
+         "proxy": summary.get("final/sft_rm_score", float("nan"))}
+  if "final/sft_ensemble_std" in summary:
+    sft.update(ensemble_std=summary["final/sft_ensemble_std"],
+               ensemble_std_se=summary["final/sft_ensemble_std_se"])
+  out = [sft]
   for r in eval_rows:
     kl = max(r["eval/kl"], 0.0)
-    out.append({"curve": curve, "method": "rl", "iteration": r["step"], "kl": kl,
-                "d": math.sqrt(kl), "gold": r["eval/gold_reward"] - base,
-                "gold_se": r.get("eval/gold_reward_se", float("nan")),
-                "proxy": r.get("eval/rm_score", float("nan"))})
+    p = {"curve": curve, "method": "rl", "iteration": r["step"], "kl": kl,
+         "d": math.sqrt(kl), "gold": r["eval/gold_reward"] - base,
+         "gold_se": r.get("eval/gold_reward_se", float("nan")),
+         "proxy": r.get("eval/rm_score", float("nan"))}
+    if "eval/ensemble_std" in r:
+      p.update(ensemble_std=r["eval/ensemble_std"], ensemble_std_se=r["eval/ensemble_std_se"])
+    out.append(p)
   return out

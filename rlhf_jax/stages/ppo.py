@@ -30,7 +30,7 @@ from flax import nnx
 
 from rlhf_jax import artifacts, evaluation, sampling, sharding
 from rlhf_jax.models import ActorCritic, PolicyModel, ScalarHead, ValueModel
-from rlhf_jax.rl import core, ppo_fn
+from rlhf_jax.rl import core, ensembles, ppo_fn
 from rlhf_jax.train import metrics as metrics_lib, optim, runner as runner_lib, state as state_lib
 
 LOG_KEYS = ("objective/scores", "objective/kl", "gold/reward", "loss/policy", "loss/value",
@@ -45,8 +45,9 @@ def init_actor_critic(config, policy_cfg, policy_params, reward, mesh):
   copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
   init = {"policy": nnx.to_pure_dict(copy(policy_params))}
   if p.critic == "reward":  # TRL's default: the critic is the RM, re-headed
-    init["critic"] = {"trunk": nnx.to_pure_dict(copy(reward.params["trunk"])),
-                      "value_head": calibrated_value_head(reward)}
+    source = reward.critic_source  # the RM itself; an ensemble's first member
+    init["critic"] = {"trunk": nnx.to_pure_dict(copy(source.params["trunk"])),
+                      "value_head": calibrated_value_head(source)}
   elif p.critic == "sft":  # SFT trunk, zero value head
     init["critic"] = {"trunk": nnx.to_pure_dict(copy(policy_params["trunk"]))}
   # "shared": a zero value head on the policy trunk, nothing to copy.
@@ -56,7 +57,7 @@ def init_actor_critic(config, policy_cfg, policy_params, reward, mesh):
     if p.critic == "shared":
       return ActorCritic(PolicyModel(policy_cfg, rngs),
                          value_head=ScalarHead(policy_cfg, 0.0, rngs))
-    critic_cfg = reward.model_config if p.critic == "reward" else policy_cfg
+    critic_cfg = reward.critic_source.model_config if p.critic == "reward" else policy_cfg
     return ActorCritic(PolicyModel(policy_cfg, rngs), critic=ValueModel(critic_cfg, rngs))
 
   ac_graphdef, ac_params = sharding.init_sharded(create, mesh)
@@ -121,11 +122,14 @@ class Iteration:
   rollout)`, and its parts `rollout`, `experience` and `update`."""
 
   def __init__(self, config, mesh, ac_graphdef, policy: artifacts.Policy, reward, tx,
-               shardings, gold_fn: Callable | None = None):
+               shardings, gold_fn: Callable | None = None,
+               watch: evaluation.Monitor | None = None):
     """`gold_fn(index, texts) -> [B] float32` or None: a programmatic reward of the decoded
-    responses (the scores when `reward` is None, a metric otherwise)."""
+    responses (the scores when `reward` is None, a metric otherwise). `watch`: an RM ensemble
+    whose disagreement on the rollouts is logged as `reward/ensemble_std`."""
     p = config.ppo
     self.config, self.mesh, self.reward, self.gold_fn = config, mesh, reward, gold_fn
+    self.watch = watch
     self.tok = policy.tokenizer
     self.hp = core.RLParams.from_config(p, config.sampling.temperature)
     eos_id = self.tok.eos_id
@@ -165,6 +169,10 @@ class Iteration:
                                       scores, jnp.float32(beta))
     exp = sharding.to_host(exp)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if self.watch is not None:  # the early-warning signal: no gold needed
+      scores_KxB = self.watch.scores(self.watch.params, rollout.batch["seq"],
+                                     rollout.batch["seq_mask"])
+      metrics["reward/ensemble_std"] = float(ensembles.disagreement(scores_KxB))
     metrics["policy/sample_logprob_gap"] = float(np.abs(rollout.logprobs - exp["old_logp"]).max())
     return exp, metrics
 
@@ -225,15 +233,18 @@ class Result:
 
 
 def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | None,
-        rm_metrics: dict | None = None) -> Result:
-  """Trains the SFT `policy` against `reward` (an `artifacts.RewardFunction`, or None to score
-  with the task's gold reward). `prompts`: `train`, `eval` prompt lists and `task` (or None)."""
+        rm_metrics: dict | None = None, monitor=None) -> Result:
+  """Trains the SFT `policy` against `reward` (an `artifacts.RewardFunction` or a
+  `lab.ensemble.RewardEnsemble`, or None to score with the task's gold reward). `prompts`:
+  `train`, `eval` prompt lists and `task` (or None). `monitor`: an RM ensemble only watched,
+  its disagreement logged (`reward/ensemble_std`, `eval/ensemble_std`, the summary's)."""
   p = config.ppo
+  watch = evaluation.monitor(monitor)
   ac_graphdef, state, shardings, tx = init_actor_critic(config, policy.model_config,
                                                         policy.params, reward, mesh)
   train_prompts = prompts.train
   iterate = Iteration(config, mesh, ac_graphdef, policy, reward, tx, shardings,
-                      evaluation.gold_fn(prompts))
+                      evaluation.gold_fn(prompts), watch)
   batches = evaluation.prompt_batches(config, "ppo", prompts, policy.tokenizer, mesh)
   carry = {"kl_coef": float(p.kl_coef)}
 
@@ -249,12 +260,12 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
       p.train, num_steps=p.num_iterations))
   evaluate = evaluation.periodic_eval(
       config, policy, reward, iterate.programs.sampler, iterate.programs.score, prompts, mesh,
-      p.data.batch_size, lambda st: st.params["policy"]) if p.train.eval_every else None
+      p.data.batch_size, lambda st: st.params["policy"], watch) if p.train.eval_every else None
   state, last = runner.run(step, state, batches, carry=carry, eval_fn=evaluate,
                            log_keys=LOG_KEYS)
   compiled = iterate.programs.compiled()  # before the summary samples with the same sampler
   summary = evaluation.held_out_summary(
       config, "ppo", policy, state.params["policy"], reward, iterate.programs.sampler,
-      iterate.programs.score, prompts, mesh, p.data.batch_size)
+      iterate.programs.score, prompts, mesh, p.data.batch_size, watch=watch)
   final = evaluation.finish(config, "ppo", runner, last, summary, rm_metrics, workdir)
   return Result(final, state, compiled, iterate.programs)
