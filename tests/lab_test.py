@@ -102,28 +102,35 @@ if __name__ == "__main__":
 
 class WarningTest(absltest.TestCase):
 
-  def _curve(self, stds, golds, se=0.01):
+  def _curve(self, stds, means, golds, se=0.01):
     return [{"curve": "rl/x", "method": "rl", "iteration": 10 * i, "kl": float(i),
              "d": float(i) ** 0.5, "gold": g, "gold_se": 0.02, "proxy": float(i),
-             "ensemble_std": s, "ensemble_std_se": se} for i, (s, g) in
-            enumerate(zip(stds, golds))]
+             "ensemble_std": s, "ensemble_std_se": se, "ensemble_mean": m,
+             "ensemble_mean_se": se} for i, (s, m, g) in enumerate(zip(stds, means, golds))]
 
-  def test_onset_is_the_first_rise_beyond_two_standard_errors(self):
+  def test_onsets_are_moves_beyond_two_standard_errors(self):
     from rlhf_jax.lab import warning  # pylint: disable=g-import-not-at-top
-    # 2 SE of the difference is 2 * sqrt(2) * 0.01 = 0.0283: +0.02 is noise, +0.03 is not
-    pts = self._curve([0.30, 0.32, 0.33, 0.50], [0.0, 0.3, 0.5, 0.1])
-    self.assertEqual(warning.onset(pts)["iteration"], 20)
-    v = warning.verdict(pts)  # gold peaks at 20 and falls by 0.4 >> noise
-    self.assertEqual((v["onset_iteration"], v["peak_iteration"], v["overoptimised"],
-                      v["warned_before_fall"]), (20, 20, True, True))
-    self.assertIn("0 iterations before the fall began", warning.sentence("rl/x", v))
-    late = warning.verdict(self._curve([0.30, 0.31, 0.31, 0.50], [0.0, 0.3, 0.5, 0.1]))
-    self.assertEqual((late["onset_iteration"], late["warned_before_fall"]), (30, False))
-    self.assertIn("did not warn", warning.sentence("rl/x", late))
-    rising = warning.verdict(self._curve([0.30, 0.40, 0.50, 0.60], [0.0, 0.1, 0.2, 0.3]))
-    self.assertIsNone(rising["warned_before_fall"])  # gold never fell: nothing to warn of
-    self.assertIn("no fall to warn of", warning.sentence("rl/x", rising))
-    self.assertIsNone(warning.onset(self._curve([0.3, 0.3, 0.3], [0.0, 0.1, 0.2])))
+    # 2 SE of a difference: 2 * sqrt(2) * 0.01 = 0.028 for the ensemble, 0.057 for gold
+    pts = self._curve(stds=[0.30, 0.32, 0.33, 0.50], means=[0.0, 0.5, 0.48, 0.40],
+                      golds=[0.0, 0.3, 0.5, 0.1])
+    self.assertEqual(warning.first_rise(pts, "ensemble_std")["iteration"], 20)  # +0.02: noise
+    self.assertEqual(warning.first_fall(pts, "ensemble_mean")["iteration"], 30)  # -0.02: noise
+    v = warning.verdict(pts)  # gold: best 0.5 at 20, 0.1 at 30 is beyond noise
+    self.assertEqual((v["gold_fall_iteration"], v["gold_peak_iteration"]), (30, 20))
+    self.assertEqual((v["std_onset_iteration"], v["warned_by_std"]), (20, True))
+    self.assertEqual((v["mean_onset_iteration"], v["warned_by_mean"]), (30, True))
+    line = warning.sentence("rl/x", v)
+    self.assertIn("gold fell beyond noise at iteration 30", line)
+    self.assertIn("rose beyond noise at iteration 20: a warning 10 iterations ahead", line)
+    self.assertIn("fell beyond noise at iteration 30: a warning, at the same evaluation", line)
+    late = warning.verdict(self._curve([0.30, 0.31, 0.31, 0.31, 0.50], [0.0] * 5,
+                                       [0.0, 0.3, 0.5, 0.1, 0.1]))
+    self.assertEqual((late["std_onset_iteration"], late["warned_by_std"]), (40, False))
+    self.assertEqual((late["mean_onset_iteration"], late["warned_by_mean"]), (None, False))
+    self.assertIn("never fell beyond noise: no warning", warning.sentence("rl/x", late))
+    rising = warning.verdict(self._curve([0.3, 0.4, 0.5], [0.0, 0.1, 0.2], [0.0, 0.1, 0.2]))
+    self.assertEqual((rising["gold_fall_iteration"], rising["warned_by_std"]), (None, None))
+    self.assertIn("nothing to warn of", warning.sentence("rl/x", rising))
     self.assertIsNone(warning.verdict([{k: v for k, v in p.items() if "ensemble" not in k}
                                        for p in pts]))
 
@@ -195,13 +202,52 @@ class RewardEnsembleTest(absltest.TestCase):
       ensemble.RewardEnsemble.stack(members[:3])
 
 
+def _lab_config(preset="test"):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "lab.py")
+  spec = importlib.util.spec_from_file_location("lab_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+class LabConfigTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ({"lab.proxy_pairs": (64, 32)}, "lab.proxy_pairs must be increasing positive integers"),
+      ({"lab.ensemble_size": 1}, "lab.ensemble_size is 1: use 0"),
+      ({"lab.ensemble_size": 0}, "lab.rl.objectives needs an ensemble"),
+      ({"lab.ensemble_size": 3, "mesh.expert": 2}, "mesh.expert=2 does not divide"),
+      ({"lab.rl.objectives": ("median",)}, "ensemble.objective is 'median'"),
+      ({"lab.bon.n": (2, 4)}, "lab.bon.n must start at 1"),
+      ({"ppo.reward": "gold"}, "set ppo.reward='model'"),
+  )
+  def test_bad_lab_settings_are_one_line_errors(self, overrides, message):
+    from rlhf_jax import scale  # pylint: disable=g-import-not-at-top
+    from rlhf_jax.lab import __main__ as lab_main  # pylint: disable=g-import-not-at-top
+    cfg = _lab_config()
+    scale.apply_overrides(cfg, overrides)
+    with self.assertRaisesRegex(ValueError, message) as e:
+      lab_main.check(cfg)
+    self.assertNotIn("\n", str(e.exception))
+
+  def test_every_preset_passes_its_checks(self):
+    from rlhf_jax import validate  # pylint: disable=g-import-not-at-top
+    from rlhf_jax.lab import __main__ as lab_main  # pylint: disable=g-import-not-at-top
+    for preset in ("", "test", "125m", "1b-8gpu"):
+      cfg = _lab_config(preset)
+      validate.check(cfg)
+      lab_main.check(cfg)
+      self.assertEqual(cfg.data.task, "sort", preset)
+
+
 class LabRunTest(absltest.TestCase):
 
   def test_lab_end_to_end(self):
     """The lab from the shared pipeline's SFT policy and pairs (copied where the pipeline
     reuses them), proxy RMs of 10 steps, PPO of 4 iterations against each proxy: every
     output, curves starting at (0, 0), fits and the report's findings."""
-    import importlib.util  # pylint: disable=g-import-not-at-top
     import json  # pylint: disable=g-import-not-at-top
     import os  # pylint: disable=g-import-not-at-top
     import shutil  # pylint: disable=g-import-not-at-top
@@ -209,11 +255,7 @@ class LabRunTest(absltest.TestCase):
     import testing  # pylint: disable=g-import-not-at-top
     from rlhf_jax import scale  # pylint: disable=g-import-not-at-top
     from rlhf_jax.lab import __main__ as lab_main  # pylint: disable=g-import-not-at-top
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "lab.py")
-    spec = importlib.util.spec_from_file_location("lab_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("test")
+    cfg = _lab_config("test")
     scale.apply_overrides(cfg, {k: v for k, v in testing.PIPELINE_OVERRIDES.items()
                                 if k.split(".")[0] in cfg})
     cfg.rm.train.update(num_steps=10, eval_every=10, checkpoint_every=10)
@@ -243,8 +285,9 @@ class LabRunTest(absltest.TestCase):
     rl = ["rl/pairs_16", "rl/pairs_256", "rl/ensemble/worst_case"]
     trained = [r for r in rows if r["stage"] == "ppo" and "loss" in r]
     self.assertLen(trained, 4)
-    for r in trained:  # the early-warning signal, every iteration, without gold
+    for r in trained:  # the early-warning signals, every iteration, without gold
       self.assertGreaterEqual(r["reward/ensemble_std"], 0.0)
+      self.assertTrue(np.isfinite(r["reward/ensemble_mean"]))
     curves = bon + rl
     self.assertCountEqual(list(fitted), curves)
     self.assertLen(points, len(bon) * 4 + len(rl) * 3)
@@ -256,14 +299,16 @@ class LabRunTest(absltest.TestCase):
         else:
           self.assertGreater(p["kl"], 0.0)
         self.assertGreater(p["ensemble_std_se"], 0.0)
+        self.assertGreater(p["ensemble_mean_se"], 0.0)
         continue
       if p["n"] == 1:  # N = 1 keeps the first sample whatever the ranking: the SFT baseline
         self.assertEqual((p["kl"], p["gold"]), (0.0, 0.0))
       self.assertAlmostEqual(p["kl"], core.best_of_n_kl(p["n"]), places=6)
     self.assertEqual(fitted["rl/pairs_16"]["form"], "rl")
     for curve in rl:
-      self.assertIn(fitted[curve]["warning"]["warned_before_fall"], (None, True, False))
-      self.assertIn(f"- {curve}: disagreement", text)
+      for signal in ("std", "mean"):
+        self.assertIn(fitted[curve]["warning"][f"warned_by_{signal}"], (None, True, False))
+      self.assertIn(f"- {curve}: gold ", text)
     self.assertIn("- rl/ensemble/worst_case vs rl/pairs_256: gold at the end", text)
     for curve in curves:
       self.assertIn(f"| {curve} |", text)

@@ -44,6 +44,10 @@ def check(config) -> None:
   validate.increasing_ints("lab.proxy_pairs", lab.proxy_pairs)
   if lab.ensemble_size == 1 or lab.ensemble_size < 0:
     raise ValueError(f"lab.ensemble_size is {lab.ensemble_size}: use 0 (no ensemble) or >= 2.")
+  experts = config.mesh.expert  # the ensemble axis is split over it (sharding rule "ensemble")
+  if lab.ensemble_size and experts > 1 and lab.ensemble_size % experts:
+    raise ValueError(f"lab.ensemble_size is {lab.ensemble_size}, which mesh.expert={experts} "
+                     "does not divide: the members are split over that axis; change either.")
   for name in lab.objectives:
     ensembles.ENSEMBLE_OBJECTIVES.check(name)
   if validate.increasing_ints("lab.bon.n", lab.bon.n)[0] != 1:

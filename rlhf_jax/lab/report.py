@@ -31,7 +31,8 @@ def fit_curves(points: list[dict]) -> dict[str, dict]:
   out = {}
   for curve, pts in by_curve(points).items():
     f = fits.fit(pts[0]["method"], [p["kl"] for p in pts], [p["gold"] for p in pts])
-    out[curve] = {**f.to_json(), "measured": bon_curves.peak(pts)}
+    out[curve] = {**f.to_json(), "max_kl": max(p["kl"] for p in pts),
+                  "measured": bon_curves.peak(pts)}
     if pts[0]["method"] == "rl" and "ensemble_std" in pts[0]:
       out[curve]["warning"] = warning.verdict(pts)
   return out
@@ -62,8 +63,12 @@ def plot(points: list[dict], curves: list[str], path: str, title: str) -> None:
 
 def _fit_row(curve: str, f: dict) -> str:
   m = f["measured"]
-  peak = ("none (β ≤ 0)" if f["peak_kl"] is None else
-          f"{f['peak_gold']:+.3f} at KL {f['peak_kl']:.2f}")
+  if f["peak_kl"] is None:
+    peak = "none (β ≤ 0)"
+  elif f["peak_kl"] > 4 * f["max_kl"]:  # an extrapolation, not a finding
+    peak = f"beyond the data (KL {f['peak_kl']:.3g} > 4 × the largest measured)"
+  else:
+    peak = f"{f['peak_gold']:+.3f} at KL {f['peak_kl']:.2f}"
   poor = " (poor fit)" if not f["r2"] >= POOR_FIT_R2 else ""
   return (f"| {curve} | {f['alpha']:.4f} | {f['beta']:.4f} | {f['r2']:.3f}{poor} | {peak} | "
           f"{m['peak_gold']:+.3f} at {m['peak_at']} | {m['last_gold']:+.3f} | "
@@ -153,10 +158,13 @@ def write(out_dir: str, points: list[dict], rms: dict[str, dict], costs: dict[st
   lines += ["", "## What the data shows", ""] + findings(fitted, proxies, members) + figures
   watched = _groups(fitted)["watched"]
   if watched:
-    lines += ["", "## Early warning: the ensemble's disagreement during PPO", "",
-              "Disagreement is the members' std of their (SFT-normalised) scores of the "
-              "held-out samples, averaged; its onset is the first evaluation more than 2 "
-              "standard errors above the SFT policy's.", ""]
+    lines += ["", "## Early warning: the ensemble during PPO, without gold", "",
+              "The ensemble's members score every held-out evaluation's samples (each member "
+              "normalised on SFT samples). Disagreement is their std, averaged over samples; "
+              "its onset is the first evaluation more than 2 standard errors above the SFT "
+              "policy's. The ensemble mean's onset, and gold's fall, are the first evaluation "
+              "more than 2 standard errors below the best one before it. A signal warned when "
+              "its onset came no later than gold's fall.", ""]
     lines += [warning.sentence(c, fitted[c]["warning"]) for c in watched]
     lines += ["", "![warning](rl_warning.png)"]
   lines += ["", "## Cost", "", "| part | seconds |", "|---|---|"]

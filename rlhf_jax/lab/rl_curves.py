@@ -5,7 +5,8 @@ Each run is the PPO stage (`stages/ppo.py`, the config's `ppo` section) from the
 with the proxy as its reward, `lab.rl.num_iterations` long, evaluating every
 `lab.rl.eval_every` iterations (`ppo.train.eval_every`: `eval/kl`, `eval/gold_reward` and its
 standard error, `eval/rm_score` on the held-out prompts, one key throughout, and with an
-ensemble watching, `eval/ensemble_std`: the early-warning signal of `lab/warning.py`). It runs
+ensemble watching, `eval/ensemble_{std,mean}`: the early-warning signals of
+`lab/warning.py`). It runs
 in `<workdir>/lab/rl_<proxy>` (`/` in the name becomes `_`; resumed, reused when finished). The first point is the SFT
 policy's (d = 0, from the summary on the same prompts and key), and gold is relative to it,
 as the fit R_rl(d) = d (alpha - beta log d) assumes.
@@ -45,9 +46,9 @@ def points(curve: str, eval_rows: list[dict], summary: dict) -> list[dict]:
   sft = {"curve": curve, "method": "rl", "iteration": 0, "kl": 0.0, "d": 0.0, "gold": 0.0,
          "gold_se": summary.get("final/sft_gold_reward_se", float("nan")),
          "proxy": summary.get("final/sft_rm_score", float("nan"))}
-  if "final/sft_ensemble_std" in summary:
-    sft.update(ensemble_std=summary["final/sft_ensemble_std"],
-               ensemble_std_se=summary["final/sft_ensemble_std_se"])
+  for key in ("ensemble_std", "ensemble_std_se", "ensemble_mean", "ensemble_mean_se"):
+    if f"final/sft_{key}" in summary:
+      sft[key] = summary[f"final/sft_{key}"]
   out = [sft]
   for r in eval_rows:
     kl = max(r["eval/kl"], 0.0)
@@ -55,7 +56,7 @@ def points(curve: str, eval_rows: list[dict], summary: dict) -> list[dict]:
          "d": math.sqrt(kl), "gold": r["eval/gold_reward"] - base,
          "gold_se": r.get("eval/gold_reward_se", float("nan")),
          "proxy": r.get("eval/rm_score", float("nan"))}
-    if "eval/ensemble_std" in r:
-      p.update(ensemble_std=r["eval/ensemble_std"], ensemble_std_se=r["eval/ensemble_std_se"])
+    p.update({k: r[f"eval/{k}"] for k in ("ensemble_std", "ensemble_std_se", "ensemble_mean",
+                                          "ensemble_mean_se") if f"eval/{k}" in r})
     out.append(p)
   return out

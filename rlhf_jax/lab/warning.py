@@ -1,75 +1,104 @@
-"""The early-warning signal: does the RM ensemble's disagreement rise before gold falls?
+"""Early-warning signals: does an RM ensemble see over-optimisation before gold falls?
 
-A real run has no gold reward, but it can afford K reward models. Their disagreement on the
-policy's samples (`rl/ensembles.disagreement`, the members' std averaged over samples; each
-member normalised on SFT samples, so the units match) is logged as `reward/ensemble_std`
-every iteration and as `eval/ensemble_std` at each held-out evaluation. On an RL curve of
-the lab (points of `lab/rl_curves.py`):
+A real run has no gold reward, but it can afford K reward models besides the one it
+optimises. Their scores of the policy's samples (each member normalised on SFT samples, so
+the units match) give two signals, logged as `reward/ensemble_{std,mean}` every iteration
+and `eval/ensemble_{std,mean}` at each held-out evaluation:
 
-* onset: the first evaluation whose disagreement exceeds the SFT policy's by more than twice
-  the standard error of the difference (so sampling noise over the held-out prompts does
-  not count);
-* the gold peak and whether gold then falls beyond noise (`bon_curves.peak`);
-* the verdict: the warning came before the fall (onset at or before the peak), after it, or
-  there was no fall to warn of.
+* disagreement (`rl/ensembles.disagreement`, the members' std averaged over samples): does
+  it rise, as the policy leaves the data the members were trained on?
+* the ensemble's mean score: a held-out judge of the optimised proxy; does it fall while
+  the proxy rises?
+
+On an RL curve of the lab (points of `lab/rl_curves.py`), each signal's onset is the first
+evaluation where it moved beyond twice the standard error of the difference (disagreement
+above the SFT policy's; the mean below its best so far), so sampling noise over the
+held-out prompts does not count. Gold's fall is found the same way (below its best so far).
+A signal warned when its onset came at or before gold's fall.
 """
 
 from __future__ import annotations
 
 import math
 
-from rlhf_jax.lab import bon_curves
+SIGNALS = {"std": "disagreement", "mean": "ensemble mean score"}
 
 
-def onset(curve_points: list[dict]) -> dict | None:
-  """The first point whose `ensemble_std` rose beyond 2 SE above the first point's, or None
-  (also when the points carry no disagreement)."""
-  if not curve_points or "ensemble_std" not in curve_points[0]:
-    return None
-  base = curve_points[0]
-  for p in curve_points[1:]:
-    noise = 2.0 * math.sqrt(base["ensemble_std_se"] ** 2 + p["ensemble_std_se"] ** 2)
-    if p["ensemble_std"] - base["ensemble_std"] > noise:
+def _se(p: dict, key: str) -> float:
+  se = p.get(f"{key}_se", 0.0)
+  return se if math.isfinite(se) else 0.0  # e.g. a point of a single sample
+
+
+def _beyond(a: dict, b: dict, key: str) -> float:
+  """How far b[key] is above a[key], in units of twice the SE of the difference."""
+  se = math.sqrt(_se(a, key) ** 2 + _se(b, key) ** 2)
+  return (b[key] - a[key]) / (2.0 * se) if se > 0 else math.copysign(math.inf, b[key] - a[key])
+
+
+def first_rise(points: list[dict], key: str) -> dict | None:
+  """The first point whose `key` exceeds the first point's by more than 2 SE."""
+  return next((p for p in points[1:] if _beyond(points[0], p, key) > 1.0), None)
+
+
+def first_fall(points: list[dict], key: str) -> dict | None:
+  """The first point whose `key` is below the best point before it by more than 2 SE."""
+  best = points[0]
+  for p in points[1:]:
+    if _beyond(p, best, key) > 1.0:
       return p
+    if p[key] > best[key]:
+      best = p
   return None
 
 
-def verdict(curve_points: list[dict]) -> dict | None:
-  """Onset, gold peak and whether the warning preceded the fall; None without the signal."""
-  if "ensemble_std" not in curve_points[0]:
+def verdict(points: list[dict]) -> dict | None:
+  """Gold's fall and each signal's onset (iterations, None: never) and whether the signal
+  warned (None when gold never fell); None for points without the ensemble's scores."""
+  if not points or "ensemble_std" not in points[0]:
     return None
-  first = onset(curve_points)
-  peak = bon_curves.peak(curve_points)
-  top = max(curve_points, key=lambda p: p["gold"])
-  out = {"onset_iteration": None if first is None else first["iteration"],
-         "onset_kl": None if first is None else first["kl"],
-         "peak_iteration": top["iteration"], "overoptimised": peak["overoptimised"],
-         "sft_std": curve_points[0]["ensemble_std"],
-         "last_std": curve_points[-1]["ensemble_std"]}
-  if not peak["overoptimised"]:
-    out["warned_before_fall"] = None  # nothing to warn of
-  else:
-    out["warned_before_fall"] = first is not None and first["iteration"] <= top["iteration"]
+  fall = first_fall(points, "gold")
+  onsets = {"std": first_rise(points, "ensemble_std"),
+            "mean": first_fall(points, "ensemble_mean")}
+  out = {"gold_fall_iteration": None if fall is None else fall["iteration"],
+         "gold_peak_iteration": max(points, key=lambda p: p["gold"])["iteration"]}
+  for name, onset in onsets.items():
+    out[f"{name}_onset_iteration"] = None if onset is None else onset["iteration"]
+    out[f"{name}_sft"] = points[0][f"ensemble_{name}"]
+    out[f"{name}_last"] = points[-1][f"ensemble_{name}"]
+    out[f"warned_by_{name}"] = (None if fall is None else
+                                onset is not None and onset["iteration"] <= fall["iteration"])
   return out
 
 
 def sentence(curve: str, v: dict) -> str:
   """One line of the report for the verdict `v` of `curve`."""
-  rise = ("did not rise beyond noise" if v["onset_iteration"] is None else
-          f"rose beyond noise at iteration {v['onset_iteration']} (KL {v['onset_kl']:.1f})")
-  head = (f"- {curve}: disagreement {v['sft_std']:.3f} at SFT → {v['last_std']:.3f} at the "
-          f"end; it {rise}; gold peaked at iteration {v['peak_iteration']}")
-  if v["warned_before_fall"] is None:
-    return head + ", and did not fall beyond noise: no fall to warn of."
-  if v["warned_before_fall"]:
-    lead = v["peak_iteration"] - v["onset_iteration"]
-    return head + f" and then fell: the warning came {lead} iterations before the fall began."
-  return head + " and then fell: the disagreement did not warn before the fall."
+  if v["gold_fall_iteration"] is None:
+    head = (f"- {curve}: gold never fell beyond noise (best at iteration "
+            f"{v['gold_peak_iteration']}): nothing to warn of.")
+  else:
+    head = (f"- {curve}: gold fell beyond noise at iteration {v['gold_fall_iteration']} "
+            f"(best at {v['gold_peak_iteration']}).")
+  parts = []
+  for name, label in SIGNALS.items():
+    moved = "rose" if name == "std" else "fell"
+    onset = v[f"{name}_onset_iteration"]
+    when = (f"never {moved} beyond noise" if onset is None else
+            f"{moved} beyond noise at iteration {onset}")
+    warned = v[f"warned_by_{name}"]
+    if warned is None:
+      tail = ""
+    elif warned:
+      lead = v["gold_fall_iteration"] - onset
+      tail = f": a warning {lead} iterations ahead" if lead else ": a warning, at the same evaluation"
+    else:
+      tail = ": no warning"
+    parts.append(f"{label} {v[f'{name}_sft']:+.3f} → {v[f'{name}_last']:+.3f}, {when}{tail}")
+  return head + " " + "; ".join(parts) + "."
 
 
 def plot(points_by_curve: dict[str, list[dict]], curves: list[str], path: str) -> None:
-  """Per RL curve: gold and proxy (relative to SFT) and the ensemble's disagreement against
-  the iteration, the disagreement's onset marked."""
+  """Per RL curve against the iteration: gold, proxy and the ensemble's mean score (relative
+  to the SFT policy's) and the ensemble's disagreement; gold's fall marked."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -77,22 +106,23 @@ def plot(points_by_curve: dict[str, list[dict]], curves: list[str], path: str) -
   for ax, curve in zip(axes[0], curves):
     pts = points_by_curve[curve]
     it = [p["iteration"] for p in pts]
-    ax.plot(it, [p["gold"] for p in pts], "o-", color="C0", label="gold − SFT's")
-    ax.plot(it, [p["proxy"] - pts[0]["proxy"] for p in pts], "s--", color="C1",
-            label="proxy − SFT's")
-    ax.set(xlabel="PPO iteration", title=curve)
+    ax.plot(it, [p["gold"] for p in pts], "o-", color="C0", label="gold")
+    for key, style, color, label in (("proxy", "s--", "C1", "proxy"),
+                                     ("ensemble_mean", "d:", "C2", "ensemble mean")):
+      ax.plot(it, [p[key] - pts[0][key] for p in pts], style, color=color, label=label)
+    ax.set(xlabel="PPO iteration", ylabel="change from the SFT policy", title=curve)
     twin = ax.twinx()
     twin.errorbar(it, [p["ensemble_std"] for p in pts],
                   yerr=[2 * p["ensemble_std_se"] for p in pts], color="C3", marker="^",
-                  label="ensemble std (±2 SE)")
-    twin.set_ylabel("ensemble disagreement", color="C3")
-    first = onset(pts)
-    if first is not None:
-      ax.axvline(first["iteration"], color="C3", ls=":")
-    lines = ax.get_legend_handles_labels()
+                  label="disagreement (±2 SE)")
+    twin.set_ylabel("ensemble disagreement (std)", color="C3")
+    fall = verdict(pts)["gold_fall_iteration"]
+    if fall is not None:
+      ax.axvline(fall, color="C0", ls=":")
+    handles, labels = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper left")
-  fig.suptitle("Early warning: ensemble disagreement vs gold during PPO (onset dotted)")
+    ax.legend(handles + more[0], labels + more[1], fontsize=7, loc="upper left")
+  fig.suptitle("Early warning without gold: the ensemble during PPO (gold's fall dotted)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -126,7 +126,8 @@ class Iteration:
                watch: evaluation.Monitor | None = None):
     """`gold_fn(index, texts) -> [B] float32` or None: a programmatic reward of the decoded
     responses (the scores when `reward` is None, a metric otherwise). `watch`: an RM ensemble
-    whose disagreement on the rollouts is logged as `reward/ensemble_std`."""
+    whose disagreement and mean score of the rollouts are logged as
+    `reward/ensemble_std` and `reward/ensemble_mean`."""
     p = config.ppo
     self.config, self.mesh, self.reward, self.gold_fn = config, mesh, reward, gold_fn
     self.watch = watch
@@ -173,6 +174,7 @@ class Iteration:
       scores_KxB = self.watch.scores(self.watch.params, rollout.batch["seq"],
                                      rollout.batch["seq_mask"])
       metrics["reward/ensemble_std"] = float(ensembles.disagreement(scores_KxB))
+      metrics["reward/ensemble_mean"] = float(scores_KxB.mean())
     metrics["policy/sample_logprob_gap"] = float(np.abs(rollout.logprobs - exp["old_logp"]).max())
     return exp, metrics
 
@@ -237,7 +239,8 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
   """Trains the SFT `policy` against `reward` (an `artifacts.RewardFunction` or a
   `lab.ensemble.RewardEnsemble`, or None to score with the task's gold reward). `prompts`:
   `train`, `eval` prompt lists and `task` (or None). `monitor`: an RM ensemble only watched,
-  its disagreement logged (`reward/ensemble_std`, `eval/ensemble_std`, the summary's)."""
+  its disagreement and mean score logged (`reward/ensemble_{std,mean}`, `eval/...`, the
+  summary's)."""
   p = config.ppo
   watch = evaluation.monitor(monitor)
   ac_graphdef, state, shardings, tx = init_actor_critic(config, policy.model_config,
