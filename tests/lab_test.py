@@ -131,6 +131,11 @@ class WarningTest(absltest.TestCase):
     rising = warning.verdict(self._curve([0.3, 0.4, 0.5], [0.0, 0.1, 0.2], [0.0, 0.1, 0.2]))
     self.assertEqual((rising["gold_fall_iteration"], rising["warned_by_std"]), (None, None))
     self.assertIn("nothing to warn of", warning.sentence("rl/x", rising))
+    self.assertIn("rose beyond noise at iteration 10: a false alarm",
+                  warning.sentence("rl/x", rising))
+    # A dip that gold climbs out of is not its fall: its fall comes after its best
+    dip = warning.verdict(self._curve([0.3] * 5, [0.0] * 5, [0.0, 0.3, 0.1, 0.4, 0.2]))
+    self.assertEqual((dip["gold_peak_iteration"], dip["gold_fall_iteration"]), (30, 40))
     self.assertIsNone(warning.verdict([{k: v for k, v in p.items() if "ensemble" not in k}
                                        for p in pts]))
 

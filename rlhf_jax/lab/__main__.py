@@ -12,8 +12,8 @@ proxy reward and the gold reward part as best-of-N selects harder (Gao, Schulman
   3. one best-of-N sampling run on held-out prompts, scored by gold, every proxy and the
      ensemble (one vmapped forward, `lab/ensemble.py`); every curve (`lab/bon_curves.py`);
   4. PPO against each proxy and each ensemble objective, with held-out evaluations along the
-     way (`lab/rl_curves.py`), the ensemble's disagreement logged as the early-warning signal
-     (`lab/warning.py`);
+     way (`lab/rl_curves.py`), the ensemble's disagreement and mean score logged as
+     early-warning signals (`lab/warning.py`);
   5. `<workdir>/lab/points.jsonl`, `fits.json`, `bon_*.png`, `rl_*.png` and `report.md`
      (`lab/report.py`).
 """

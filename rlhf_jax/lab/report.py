@@ -38,8 +38,11 @@ def fit_curves(points: list[dict]) -> dict[str, dict]:
   return out
 
 
-def plot(points: list[dict], curves: list[str], path: str, title: str) -> None:
-  """Gold (solid) and proxy (dashed) against d = sqrt(KL) for `curves`."""
+def plot(points: list[dict], curves: list[str], path: str, title: str,
+         fitted: dict[str, dict]) -> None:
+  """Gold and proxy against d = sqrt(KL) for `curves`, each gold curve's fit drawn through its
+  points. Best-of-N points are joined (d grows with N); RL points are not (an RL run's KL
+  goes back and forth between evaluations)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -48,10 +51,17 @@ def plot(points: list[dict], curves: list[str], path: str, title: str) -> None:
   for curve in curves:
     pts = groups[curve]
     d = [p["d"] for p in pts]
-    line, = ax_gold.plot(d, [p["gold"] for p in pts], "o-", label=curve)
-    ax_proxy.plot(d, [p["proxy"] for p in pts], "s--", color=line.get_color(), label=curve)
-  ax_gold.axhline(0.0, color="grey", ls=":")
-  ax_gold.set(xlabel="d = sqrt(KL to SFT)", ylabel="gold reward − SFT's", title="gold")
+    joined = "-" if pts[0]["method"] == "bon" else ""
+    line, = ax_gold.plot(d, [p["gold"] for p in pts], "o" + joined, label=curve)
+    f = fitted[curve]
+    grid = np.linspace(0.0, max(d), 100)
+    fit = fits.Fit(f["form"], f["alpha"], f["beta"], f["r2"], f["num_points"], None, None)
+    ax_gold.plot(grid, fit.predict(grid ** 2), ":", color=line.get_color(), lw=1.2)
+    ax_proxy.plot(d, [p["proxy"] for p in pts], "s" + ("--" if joined else ""),
+                  color=line.get_color(), label=curve)
+  ax_gold.axhline(0.0, color="grey", ls=":", lw=0.8)
+  ax_gold.set(xlabel="d = sqrt(KL to SFT)", ylabel="gold reward − SFT's",
+              title="gold (dotted: the fitted R(d))")
   ax_proxy.set(xlabel="d = sqrt(KL to SFT)", ylabel="proxy (normalised RM) score",
                title="proxy")
   ax_gold.legend(fontsize=8)
@@ -131,7 +141,7 @@ def _plots(out_dir: str, points: list[dict], fitted: dict, proxies: list[str],
               "PPO against ensemble objectives (and the strongest single proxy)")]
   for name, curves, title in figures:
     if curves:
-      plot(points, curves, os.path.join(out_dir, name), title)
+      plot(points, curves, os.path.join(out_dir, name), title, fitted)
       lines += ["", f"![{name[:-4]}]({name})"]
   if g["watched"]:
     warning.plot(by_curve(points), g["watched"], os.path.join(out_dir, "rl_warning.png"))
@@ -162,10 +172,14 @@ def write(out_dir: str, points: list[dict], rms: dict[str, dict], costs: dict[st
               "The ensemble's members score every held-out evaluation's samples (each member "
               "normalised on SFT samples). Disagreement is their std, averaged over samples; "
               "its onset is the first evaluation more than 2 standard errors above the SFT "
-              "policy's. The ensemble mean's onset, and gold's fall, are the first evaluation "
-              "more than 2 standard errors below the best one before it. A signal warned when "
-              "its onset came no later than gold's fall.", ""]
-    lines += [warning.sentence(c, fitted[c]["warning"]) for c in watched]
+              "policy's. The ensemble mean's onset is the first evaluation more than 2 "
+              "standard errors below the best one before it (what a run without gold can "
+              "watch); gold's fall, the first after gold's best that far below it. A signal "
+              "warned when its onset came no later than gold's fall; an onset when gold never "
+              "fell is a false alarm.", ""]
+    lines += [warning.sentence(c, fitted[c]["warning"])
+              + (" (The ensemble watching is the one optimised here: not an independent "
+                 "judge.)" if c.startswith("rl/ensemble/") else "") for c in watched]
     lines += ["", "![warning](rl_warning.png)"]
   lines += ["", "## Cost", "", "| part | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.0f} |" for k, v in costs.items()]

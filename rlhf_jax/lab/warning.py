@@ -13,8 +13,9 @@ and `eval/ensemble_{std,mean}` at each held-out evaluation:
 On an RL curve of the lab (points of `lab/rl_curves.py`), each signal's onset is the first
 evaluation where it moved beyond twice the standard error of the difference (disagreement
 above the SFT policy's; the mean below its best so far), so sampling noise over the
-held-out prompts does not count. Gold's fall is found the same way (below its best so far).
-A signal warned when its onset came at or before gold's fall.
+held-out prompts does not count. Gold's fall is the first evaluation after its best that is
+that far below it. A signal warned when its onset came at or before gold's fall; an onset
+when gold never fell is a false alarm.
 """
 
 from __future__ import annotations
@@ -51,12 +52,19 @@ def first_fall(points: list[dict], key: str) -> dict | None:
   return None
 
 
+def gold_fall(points: list[dict]) -> dict | None:
+  """The first point after gold's best that is below it by more than 2 SE (in hindsight:
+  a dip that gold later climbs out of is not its fall)."""
+  i = max(range(len(points)), key=lambda k: points[k]["gold"])
+  return next((p for p in points[i + 1:] if _beyond(p, points[i], "gold") > 1.0), None)
+
+
 def verdict(points: list[dict]) -> dict | None:
   """Gold's fall and each signal's onset (iterations, None: never) and whether the signal
   warned (None when gold never fell); None for points without the ensemble's scores."""
   if not points or "ensemble_std" not in points[0]:
     return None
-  fall = first_fall(points, "gold")
+  fall = gold_fall(points)
   onsets = {"std": first_rise(points, "ensemble_std"),
             "mean": first_fall(points, "ensemble_mean")}
   out = {"gold_fall_iteration": None if fall is None else fall["iteration"],
@@ -86,14 +94,14 @@ def sentence(curve: str, v: dict) -> str:
             f"{moved} beyond noise at iteration {onset}")
     warned = v[f"warned_by_{name}"]
     if warned is None:
-      tail = ""
+      tail = "" if onset is None else ": a false alarm"
     elif warned:
       lead = v["gold_fall_iteration"] - onset
       tail = f": a warning {lead} iterations ahead" if lead else ": a warning, at the same evaluation"
     else:
       tail = ": no warning"
     parts.append(f"{label} {v[f'{name}_sft']:+.3f} → {v[f'{name}_last']:+.3f}, {when}{tail}")
-  return head + " " + "; ".join(parts) + "."
+  return head + " " + "; ".join(parts)[0].upper() + "; ".join(parts)[1:] + "."
 
 
 def plot(points_by_curve: dict[str, list[dict]], curves: list[str], path: str) -> None:
@@ -102,8 +110,12 @@ def plot(points_by_curve: dict[str, list[dict]], curves: list[str], path: str) -
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
-  for ax, curve in zip(axes[0], curves):
+  cols = min(3, len(curves))
+  rows = -(-len(curves) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+  for ax in axes.flat[len(curves):]:
+    ax.set_visible(False)
+  for ax, curve in zip(axes.flat, curves):
     pts = points_by_curve[curve]
     it = [p["iteration"] for p in pts]
     ax.plot(it, [p["gold"] for p in pts], "o-", color="C0", label="gold")
