@@ -2,19 +2,20 @@
 config (`configs/ppo.py`'s sections: SFT, pairs, RM and PPO settings) plus a `lab` section;
 see rlhf_jax/lab/__main__.py.
 
-Presets: "" (the 2-core CPU default, ~30 min), "test" (seconds), and the scale presets
+Presets: "" (the 2-core CPU default, 16.5 min), "test" (seconds), and the scale presets
 (`125m`, `1b-8gpu`, ...: their networks and meshes, with more prompts, pairs and iterations
 for an accelerator).
 
 Why the default runs the `sort` task, not `sentiment` (measured, README "The gold-reward
 lab"): on sentiment the gold reward (VADER) is as easy to game as the proxies are — PPO
 against every proxy, even one of 250 pairs at 54% accuracy, drove the policy to "I love ...
-love" and gold kept rising to +0.6-0.8 for 250 iterations at kl_coef 0.01. Sorting has a
-gold reward no surface feature satisfies (the digits must be the prompt's, in order), so a
+love" and gold kept rising (to +0.6-0.75 over 110 iterations at kl_coef 0.01). Sorting has
+a gold reward no surface feature satisfies (the digits must be the prompt's, in order), so a
 proxy that learnt "ascending, repeated digits" is exploitable: against 250 pairs gold peaks
-near KL 8 and falls while the proxy keeps rising. SFT is stopped early (60 steps, held-out
-gold ~0.1 of 1) so the samples disagree, the pairs carry signal (~85% of prompts give a
-non-tied pair) and there is room above the SFT policy.
+at KL 6.6 (iteration 30) and falls to the SFT policy's by iteration 100 while the proxy
+keeps rising. SFT is stopped early (60 steps, held-out gold 0.075 of 1) so the samples
+disagree, the pairs carry signal (84% of prompts give a non-tied pair) and there is room
+above the SFT policy. kl_coef 0.02 takes PPO to KL 5-12 nats in 100 iterations.
 """
 
 import ml_collections
@@ -50,7 +51,7 @@ def get_config(preset: str = ""):
   c.rm.data.num_train_prompts = 8192  # ~6900 kept pairs (ties and identical ones dropped)
   if preset == "":
     _sort_task(c)
-    c.ppo.kl_coef = 0.02  # to reach KL ~15 nats in 100 iterations
+    c.ppo.kl_coef = 0.02
   elif preset == "test":
     c.lab.update(proxy_pairs=(16, 32, 64), ensemble_size=2, ensemble_pairs=32)
     c.lab.bon.update(n=(1, 2, 4, 8), num_prompts=16, batch_size=4)

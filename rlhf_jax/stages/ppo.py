@@ -170,7 +170,7 @@ class Iteration:
                                       scores, jnp.float32(beta))
     exp = sharding.to_host(exp)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if self.watch is not None:  # the early-warning signal: no gold needed
+    if self.watch is not None:  # the early-warning signals: no gold needed
       scores_KxB = self.watch.scores(self.watch.params, rollout.batch["seq"],
                                      rollout.batch["seq_mask"])
       metrics["reward/ensemble_std"] = float(ensembles.disagreement(scores_KxB))
