@@ -19,7 +19,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
     install_requires=[
-        "jax>=0.9,<0.11",
+        # 0.10.2 (the newest this machine installs) runs the test suite; 0.11.2 with CUDA 13
+        # ran the whole pipeline unchanged on an H200 (issue 18).
+        "jax>=0.9,<0.12",
         "flax>=0.12.6,<0.13",
         "optax>=0.2.6",
         "orbax-checkpoint>=0.11",
