@@ -2,7 +2,7 @@
 
 Shared sections are defined once and read by every stage:
     seed, init_from, model, tokenizer, mesh,
-    data      task, max_prompt_len, max_completion_len, truncation
+    data      task, max_prompt_len, max_completion_len, truncation, packing
     sampling  temperature, top_k, top_p, min_new_tokens
 Stage sections hold only what is theirs: `sft`, `rm`, `ppo`, `grpo`, `rloo`,
 `reinforce_pp`, `dpo`, `best_of_n`, each with its own `data` (where its records come from,
@@ -81,6 +81,10 @@ def _shared(c: ml_collections.ConfigDict) -> None:
       task="sentiment",  # bundled task, used where a stage is given no files
       max_prompt_len=20, max_completion_len=28,  # tokens; completions/responses include EOS
       truncation="truncate",  # over-long SFT records: "truncate" (counted) or "error"
+      # SFT only: several examples back to back per row (attention kept within each example,
+      # positions restarting at 0) instead of one padded example: fewer padded tokens per
+      # step. Same rows per batch, so a step sees more examples (rlhf_jax/data/packing.py).
+      packing=False,
   ))
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0,
                                                min_new_tokens=0))

@@ -123,6 +123,13 @@ def _check_sft(config) -> None:
   _check_batch("sft.data.batch_size", s.data.batch_size, s.optim.grad_accum_steps,
                "sft.optim.grad_accum_steps")
   _positive("sft.train.num_steps", s.train.num_steps)
+  moe = config.model.moe
+  if config.data.packing and moe.num_experts and not moe.dropless:
+    # Capacity routing groups a row's tokens: packed examples would take each other's slots.
+    raise ValueError("data.packing=True puts several examples in a row, and a capacity-routed "
+                     "MoE (model.moe.dropless=False) makes a row's tokens compete for expert "
+                     "slots, so examples would change each other's outputs; set "
+                     "model.moe.dropless=True or data.packing=False.")
 
 
 def _check_rm(config) -> None:

@@ -7,7 +7,9 @@
 Padding is described by `mask_BxT` (1 = real token, 0 = pad). Position ids come from the
 mask, so a left-padded prompt gives every real token the same position, hence the same
 output, as the unpadded prompt. The optional `KVCache` makes the same code path serve a
-full forward, a prefill and one-token decode steps.
+full forward, a prefill and one-token decode steps. A packed row (several examples back to
+back, `data/packing.py`) adds `segment_ids_BxT` (1, 2, ... per example, 0 = pad) and
+`positions_BxT` (restarting at 0 per example): tokens attend within their own example only.
 """
 
 from __future__ import annotations
@@ -57,6 +59,23 @@ def positions_from_mask(mask_BxT: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def self_attention_mask(mask_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None
+                        ) -> jax.Array:
+  """Which keys each query may see in a forward without a KV cache, [B, T, T] bool.
+
+  Causal, over real keys, and with segment ids over keys of the query's own segment only
+  (a packed row's examples never see each other). Every query also sees its own slot, so a
+  pad query attends to itself alone: its (unused) output stays causal and finite instead of
+  averaging over future keys.
+  """
+  t = mask_BxT.shape[1]
+  causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+  keys_BxTxS = mask_BxT[:, None, :]
+  if segment_ids_BxT is not None:
+    keys_BxTxS = keys_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+  return causal_TxT[None] & (keys_BxTxS | jnp.eye(t, dtype=bool)[None])
+
+
 def last_token_index(mask_BxT: jax.Array) -> jax.Array:
   """Index of the last real token of each row; works for left and right padding."""
   t = mask_BxT.shape[-1]
@@ -104,7 +123,8 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg)
 
   def __call__(self, tokens_BxT: jax.Array, mask_BxT: jax.Array, cache: KVCache | None = None,
-               last_only: bool = False, keep: slice | None = None
+               last_only: bool = False, keep: slice | None = None,
+               segment_ids_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None
                ) -> tuple[jax.Array, KVCache | None]:
     """Hidden states [B, T, D] and the updated cache (None without one).
 
@@ -115,16 +135,22 @@ class Transformer(nnx.Module):
     and MLP for that token alone (a fifth of an RM step's FLOPs at 4 layers).
     `keep` (no cache): a static slice of positions, e.g. the ones that predict a response;
     the hidden states of those only, with the same saving in the last block.
+    `segment_ids_BxT`, `positions_BxT` (no cache): a packed row; each token attends to its
+    own segment only, at the given positions (the default ones come from `mask_BxT`).
     """
     mask_BxT = mask_BxT.astype(bool)
     t = tokens_BxT.shape[1]
-    causal_TxT = jnp.tril(jnp.ones((t, t), bool))
-    # Every query also sees its own slot, so a pad query attends to itself alone: its
-    # (unused) output stays causal and finite instead of averaging over future keys.
     if cache is None:
-      positions_BxT = positions_from_mask(mask_BxT)
-      attn_mask_BxTxS = causal_TxT[None] & (mask_BxT[:, None, :] | jnp.eye(t, dtype=bool)[None])
+      if segment_ids_BxT is not None and positions_BxT is None:
+        raise ValueError("Transformer: segment_ids_BxT needs positions_BxT (each segment's "
+                         "positions restart at 0; see data/packing.py).")
+      attn_mask_BxTxS = self_attention_mask(mask_BxT, segment_ids_BxT)
+      if positions_BxT is None:
+        positions_BxT = positions_from_mask(mask_BxT)
       index = None
+    elif segment_ids_BxT is not None or positions_BxT is not None:
+      raise ValueError("Transformer: segment ids and positions are for a full forward; a KV "
+                       "cache tracks its own positions.")
     else:
       index = cache.index
       positions_BxT = cache.next_position_B[:, None] + positions_from_mask(mask_BxT)

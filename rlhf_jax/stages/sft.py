@@ -3,7 +3,9 @@
     loss = sum_t w[t+1] * CE(logits[t], tokens[t+1]) / sum_t w[t+1]
 
 with w the completion tokens (incl. EOS) by default, or every real token
-(`sft.data.loss_on="all"`); an MoE policy adds its auxiliary losses (`models/moe.py`). `run`
+(`sft.data.loss_on="all"`); an MoE policy adds its auxiliary losses (`models/moe.py`). With
+`data.packing` a row holds several examples (`data/packing.py`): the batch then carries
+segment ids and per-example positions, and the same token mean is taken. `run`
 is the stage: given its records and tokenizer, it builds a policy sharded on the mesh (or
 imports pretrained weights), trains it with the shared jitted step under the stage runner
 (checkpoints, exact resume), evaluates loss, perplexity and sample continuations (with their
@@ -25,7 +27,7 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import artifacts, sampling, sharding
-from rlhf_jax.data import batching, records as records_lib
+from rlhf_jax.data import batching, packing, records as records_lib
 from rlhf_jax.models import PolicyModel, TransformerConfig, lm_loss, moe, pretrained
 from rlhf_jax.train import metrics as metrics_lib, optim, runner as runner_lib, state as state_lib
 
@@ -36,15 +38,30 @@ def sft_loss(model: PolicyModel, batch: dict[str, jax.Array]):
   A dense model has no auxiliary loss (0) and no `moe/` or `ce_loss` metrics.
   """
   loss, metrics = token_ce(model, batch)
+  metrics.update(row_stats(batch))
   aux, aux_metrics = moe.aux_loss(model)
   if aux_metrics:
     metrics = dict(metrics, ce_loss=loss, **aux_metrics)
   return loss + aux, metrics
 
 
+def row_stats(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """How full the rows are, packed or not: the share of row tokens that are padding, and
+  the examples per row (segments of a packed row; an unpacked row holds one)."""
+  mask_BxT = batch["mask"].astype(jnp.float32)
+  if "segment_ids" in batch:
+    examples_B = batch["segment_ids"].max(axis=1).astype(jnp.float32)
+  else:
+    examples_B = mask_BxT.max(axis=1)
+  return {"padding_fraction": 1.0 - mask_BxT.mean(), "examples_per_row": examples_B.mean()}
+
+
 def token_ce(model: PolicyModel, batch: dict[str, jax.Array]):
-  """(mean CE over weighted target tokens, metrics)."""
-  h_BxTxD, _ = model.trunk(batch["tokens"], batch["mask"])
+  """(mean CE over weighted target tokens, metrics). A packed batch (`segment_ids`,
+  `positions`) attends within each example only."""
+  h_BxTxD, _ = model.trunk(batch["tokens"], batch["mask"],
+                           segment_ids_BxT=batch.get("segment_ids"),
+                           positions_BxT=batch.get("positions"))
   # The LM head only where there is a next token: the last position's logits would be
   # computed (and differentiated) for nothing.
   h_BxT1xD = h_BxTxD[:, :-1].astype(model.cfg.jnp_dtype)
@@ -80,13 +97,12 @@ def run(config: ml_collections.ConfigDict, data: records_lib.StageData, mesh,
   graphdef, params, model_cfg = _init_policy(config, tok, mesh, workdir)
   tx = optim.make_optimizer(s.optim)
   state, shardings = state_lib.create_train_state(params, tx, mesh)
-  batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in arrays["train"]}
+  batches = _train_batches(config, data, arrays["train"], mesh)
+  keys = packing.PACKED_KEYS if config.data.packing else arrays["train"]
+  batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in keys}
   step = state_lib.make_train_step(graphdef, sft_loss, tx, mesh, shardings, batch_sh,
                                    s.optim.grad_accum_steps)
   evaluate = make_evaluator(graphdef, config, data, arrays["eval"], mesh)
-  batches = batching.EpochIterator(arrays["train"], s.data.batch_size, config.seed,
-                                   *sharding.process_block(mesh), source=data.sources["train"],
-                                   batch_key="sft.data.batch_size")
   runner = runner_lib.StageRunner("sft", workdir, runner_lib.LoopConfig.from_section(s.train))
   seq_len = config.data.max_prompt_len + config.data.max_completion_len
   state, metrics = runner.run(lambda i, st, b: step(st, b), state, batches,
@@ -112,6 +128,23 @@ def _arrays(config, data):
   logging.info("[sft] %d train / %d eval records; truncated prompts %d, completions %d",
                len(data.train), len(data.eval), counts.prompts, counts.completions)
   return arrays, counts
+
+
+def _train_batches(config, data, train_arrays, mesh):
+  """The training batches: one example per row, or packed rows (`data.packing`), whose
+  padding is logged against the unpacked rows'."""
+  index, count = sharding.process_block(mesh)
+  args = dict(batch_size=config.sft.data.batch_size, seed=config.seed, process_index=index,
+              process_count=count, source=data.sources["train"],
+              batch_key="sft.data.batch_size")
+  if not config.data.packing:
+    return batching.EpochIterator(train_arrays, **args)
+  batches = packing.PackedIterator(train_arrays, pad_id=data.tokenizer.pad_id, **args)
+  st = batches.stats(0)
+  logging.info("[sft] packing: %d examples in %d rows (%.2f per row); padding %.1f%% of row "
+               "tokens (unpacked %.1f%%)", st["examples"], st["rows"], st["examples_per_row"],
+               100 * st["padding_fraction"], 100 * st["padding_fraction_unpacked"])
+  return batches
 
 
 def _init_policy(config, tok, mesh, workdir):
