@@ -117,10 +117,10 @@ def held_out_scores(config, policy: artifacts.Policy, params, reward, sampler, s
 def held_out_summary(config, stage: str, policy: artifacts.Policy, trained_params, reward,
                      sampler, score_fn, prompts, mesh, batch_size: int,
                      with_kl: bool = False, watch: Monitor | None = None) -> dict[str, float]:
-  """`final/{sft,<stage>}_{gold_reward,rm_score}` (`held_out_scores` of both policies; with
-  `watch` also `_ensemble_std`), and with `with_kl` the trained policy's `final/kl` on its
-  own held-out samples (`samples_kl`; for a stage whose training does not measure the KL,
-  e.g. DPO)."""
+  """`final/{sft,<stage>}_{gold_reward,rm_score}` (`held_out_scores` of both policies, with
+  the gold SE; with `watch` also `_ensemble_{std,mean}` and their SEs), and with `with_kl` the
+  trained policy's `final/kl` on its own held-out samples (`samples_kl`; for a stage whose
+  training does not measure the KL, e.g. DPO)."""
   out = {}
   for name, params in (("sft", policy.params), (stage, trained_params)):
     samples, scores = held_out_scores(config, policy, params, reward, sampler, score_fn,
@@ -161,8 +161,8 @@ def periodic_eval(config, policy: artifacts.Policy, reward, sampler, score_fn, p
                   watch: Monitor | None = None):
   """`state -> metrics`, the held-out evaluation an RL stage runs every `train.eval_every`
   iterations: `eval/gold_reward` (bundled tasks), `eval/rm_score` (with an RM), `eval/kl`
-  (`samples_kl`) and with `watch` `eval/ensemble_{std,mean}` of the current policy's samples of the
-  held-out prompts, with the same key every time, so the points trace one curve (the
+  (`samples_kl`) and with `watch` `eval/ensemble_{std,mean}` of the current policy's samples
+  of the held-out prompts, with the same key every time, so the points trace one curve (the
   gold-reward lab's RL curves)."""
   def evaluate(state) -> dict[str, float]:
     params = params_of(state)

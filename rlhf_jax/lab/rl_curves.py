@@ -6,10 +6,10 @@ with the proxy as its reward, `lab.rl.num_iterations` long, evaluating every
 `lab.rl.eval_every` iterations (`ppo.train.eval_every`: `eval/kl`, `eval/gold_reward` and its
 standard error, `eval/rm_score` on the held-out prompts, one key throughout, and with an
 ensemble watching, `eval/ensemble_{std,mean}`: the early-warning signals of
-`lab/warning.py`). It runs
-in `<workdir>/lab/rl_<proxy>` (`/` in the name becomes `_`; resumed, reused when finished). The first point is the SFT
-policy's (d = 0, from the summary on the same prompts and key), and gold is relative to it,
-as the fit R_rl(d) = d (alpha - beta log d) assumes.
+`lab/warning.py`). It runs in `<workdir>/lab/rl_<proxy>` (`/` in the name becomes `_`;
+resumed, reused when finished). The first point is the SFT policy's (d = 0, from the summary
+on the same prompts and key), and gold is relative to it, as the fit
+R_rl(d) = d (alpha - beta log d) assumes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from rlhf_jax.train import metrics as metrics_lib
 def run(config, name: str, policy, reward, rm_metrics, mesh, workdir: str,
         monitor=None) -> list[dict]:
   """The points of PPO against proxy `name` (trained now, or read back when finished);
-  `monitor`: the RM ensemble whose disagreement is logged."""
+  `monitor`: the RM ensemble whose disagreement and mean score are logged."""
   lab = config.lab
   cfg = config.copy_and_resolve_references()
   cfg.ppo.num_iterations = lab.rl.num_iterations

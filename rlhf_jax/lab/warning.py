@@ -97,7 +97,8 @@ def sentence(curve: str, v: dict) -> str:
       tail = "" if onset is None else ": a false alarm"
     elif warned:
       lead = v["gold_fall_iteration"] - onset
-      tail = f": a warning {lead} iterations ahead" if lead else ": a warning, at the same evaluation"
+      tail = (f": a warning {lead} iterations ahead" if lead else
+              ": a warning, at the same evaluation")
     else:
       tail = ": no warning"
     parts.append(f"{label} {v[f'{name}_sft']:+.3f} → {v[f'{name}_last']:+.3f}, {when}{tail}")
