@@ -280,7 +280,7 @@ class LabRunTest(absltest.TestCase):
       with open(os.path.join(out, "report.md")) as f:
         text = f.read()
       for name in ("fits.json", "bon_proxies.png", "bon_ensembles.png", "rl_proxies.png",
-                   "rl_ensembles.png", "rl_warning.png"):
+                   "rl_ensembles.png", "rl_warning.png", "bon_vs_rl.png"):
         self.assertTrue(os.path.exists(os.path.join(out, name)), name)
       with open(os.path.join(out, "rl_ensemble_worst_case", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]

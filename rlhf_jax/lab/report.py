@@ -47,12 +47,14 @@ def plot(points: list[dict], curves: list[str], path: str, title: str,
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (ax_gold, ax_proxy) = plt.subplots(1, 2, figsize=(10, 4))
-  groups = by_curve(points)
+  groups, colors = by_curve(points), {}
   for curve in curves:
     pts = groups[curve]
     d = [p["d"] for p in pts]
     joined = "-" if pts[0]["method"] == "bon" else ""
-    line, = ax_gold.plot(d, [p["gold"] for p in pts], "o" + joined, label=curve)
+    # One colour per reward: its best-of-N and RL curves match.
+    color = colors.setdefault(curve.removeprefix("rl/"), f"C{len(colors)}")
+    line, = ax_gold.plot(d, [p["gold"] for p in pts], "o" + joined, color=color, label=curve)
     f = fitted[curve]
     grid = np.linspace(0.0, max(d), 100)
     fit = fits.Fit(f["form"], f["alpha"], f["beta"], f["r2"], f["num_points"], None, None)
@@ -138,7 +140,9 @@ def _plots(out_dir: str, points: list[dict], fitted: dict, proxies: list[str],
              ("bon_ensembles.png", members[:1] + g["bon_ens"] if g["bon_ens"] else [],
               "Best-of-N against ensemble objectives (and one member)"),
              ("rl_ensembles.png", g["rl"][-1:] + g["rl_ens"] if g["rl_ens"] else [],
-              "PPO against ensemble objectives (and the strongest single proxy)")]
+              "PPO against ensemble objectives (and the strongest single proxy)"),
+             ("bon_vs_rl.png", proxies + g["rl"] if g["rl"] else [],
+              "Best-of-N (joined) vs PPO (dots) against the same proxies")]
   for name, curves, title in figures:
     if curves:
       plot(points, curves, os.path.join(out_dir, name), title, fitted)
