@@ -76,14 +76,15 @@ def raw_score_fn(graphdef):
 
 def sequence_scores(score_fn, params, tokens_NxT, mask_NxT, batch_size: int,
                     mesh) -> np.ndarray:
-  """`score_fn(params, tokens, mask) -> [B]` (jitted: `raw_score_fn`, or a `RewardFunction`'s
-  normalised `score`) over host rows of token ids, e.g. `sampling.Samples.seq` / `seq_mask`
-  (PPO's rollout layout), `batch_size` rows at a time on the mesh; [N] float32."""
+  """`score_fn(params, tokens, mask) -> [..., B]` (jitted: `raw_score_fn`, a `RewardFunction`'s
+  normalised `score`, or a reward ensemble's `scores`, [K, B]) over host rows of token ids,
+  e.g. `sampling.Samples.seq` / `seq_mask` (PPO's rollout layout), `batch_size` rows at a
+  time on the mesh; [..., N] float32."""
   outs = sharding.for_each_batch(lambda _, b: score_fn(params, b["tokens"], b["mask"]),
                                  {"tokens": tokens_NxT, "mask": mask_NxT}, batch_size, mesh)
   if not outs:
     return np.zeros((0,), np.float32)
-  return np.concatenate(outs)[:len(tokens_NxT)]
+  return np.concatenate(outs, axis=-1)[..., :len(tokens_NxT)]
 
 
 def save_network(out_dir: str, model_cfg: TransformerConfig, tok, summary: dict, **extra_json):

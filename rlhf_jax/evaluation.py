@@ -101,10 +101,8 @@ def held_out_scores(config, policy: artifacts.Policy, params, reward, sampler, s
                                        batch_size, mesh)
     out["rm_score"] = float(np.mean(scores, dtype=np.float64))
   if watch is not None:
-    scores_KxN = np.concatenate(sharding.for_each_batch(
-        lambda _, b: watch.scores(watch.params, b["t"], b["m"]),
-        {"t": samples.seq, "m": samples.seq_mask}, batch_size, mesh), axis=1)
-    scores_KxN = scores_KxN[:, :len(samples.seq)]
+    scores_KxN = artifacts.sequence_scores(watch.scores, watch.params, samples.seq,
+                                           samples.seq_mask, batch_size, mesh)
     for key, per_sample in (("ensemble_std", scores_KxN.std(axis=0)),
                             ("ensemble_mean", scores_KxN.mean(axis=0))):
       out[key], out[f"{key}_se"] = _mean_se(per_sample)

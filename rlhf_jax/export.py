@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax import artifacts, export_tokenizer
+from rlhf_jax.fileio import write_json
 from rlhf_jax.config import RL_STAGES
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, hf_export
@@ -220,27 +221,22 @@ def _write(source: Source, pure: dict, tmp: str, max_pos: int, shard_bytes: int)
   if what == "policy":
     tensors = hf_export.policy_to_hf(cfg, pure)
     files.append("generation_config.json")
-    _dump(tmp, "generation_config.json", ids)
+    write_json(os.path.join(tmp, "generation_config.json"), ids)
   else:
     tensors, head_bias = hf_export.reward_to_hf(cfg, pure)
     files.append("reward_normalization.json")
-    _dump(tmp, "reward_normalization.json", {
+    write_json(os.path.join(tmp, "reward_normalization.json"), {
         "gain": source.normalization["gain"], "bias": source.normalization["bias"],
         "head_bias": head_bias,
         "raw_score": "logits[:, 0] + head_bias (transformers' score layer has no bias)",
         "normalized_score": "gain * (logits[:, 0] + head_bias) + bias (what the RL stages "
                             "optimise)"})
-  _dump(tmp, "config.json", hf)
+  write_json(os.path.join(tmp, "config.json"), hf)
   files += hf_export.write_safetensors(tensors, tmp, shard_bytes)
   size = sum(x.nbytes for x in tensors.values())
   return [f"{hf['architectures'][0]} ({size / 2**20:.1f} MiB float32): {', '.join(files)}",
           f"tokenizer ({tokenizer_lib.describe(source.tokenizer)['kind']}): "
           f"{', '.join(tok.files) or 'none'}", *tok.notes]
-
-
-def _dump(directory: str, name: str, obj) -> None:
-  with open(os.path.join(directory, name), "w") as f:
-    json.dump(obj, f, indent=2)
 
 
 def export(workdir: str, stage: str, out: str, max_shard_gb: float = 5.0,

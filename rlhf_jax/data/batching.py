@@ -75,6 +75,20 @@ def sft_arrays(records: Sequence[dict[str, str]], tok: Tokenizer, max_prompt_len
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 
+def check_batches(n: int, batch_size: int, process_count: int, source: str = "",
+                  batch_key: str = "batch_size") -> None:
+  """`n` records make batches of `batch_size` split over `process_count` processes; one
+  error naming `source` and the config key `batch_key` otherwise."""
+  if batch_size < 1:
+    raise ValueError(f"{batch_key} is {batch_size}; it must be >= 1.")
+  if n < batch_size:
+    raise ValueError(f"{source or 'dataset'}: {n} records, fewer than one batch of "
+                     f"{batch_size} ({batch_key}); give more records or a smaller batch.")
+  if batch_size % process_count:
+    raise ValueError(f"{batch_key} {batch_size} must divide by the {process_count} "
+                     "processes; choose a multiple of the process count.")
+
+
 class EpochIterator:
   """Deterministic shuffled batches over an in-memory dataset, epoch after epoch.
 
@@ -91,14 +105,7 @@ class EpochIterator:
     `batch_key` the config key of `batch_size` (e.g. `sft.data.batch_size`), for errors."""
     self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
     self.n = len(next(iter(arrays.values())))
-    if batch_size < 1:
-      raise ValueError(f"{batch_key} is {batch_size}; it must be >= 1.")
-    if self.n < batch_size:
-      raise ValueError(f"{source or 'dataset'}: {self.n} records, fewer than one batch of "
-                       f"{batch_size} ({batch_key}); give more records or a smaller batch.")
-    if batch_size % process_count:
-      raise ValueError(f"{batch_key} {batch_size} must divide by the {process_count} "
-                       "processes; choose a multiple of the process count.")
+    check_batches(self.n, batch_size, process_count, source, batch_key)
     self.local = batch_size // process_count
     self.offset = process_index * self.local
     self.position = 0

@@ -30,6 +30,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rlhf_jax.data import batching
+
 # The arrays of a packed batch, each [B, T] int32.
 PACKED_KEYS = ("tokens", "mask", "loss_mask", "segment_ids", "positions")
 
@@ -122,15 +124,8 @@ class PackedIterator:
                batch_key: str = "batch_size", pad_id: int = 0):
     """`arrays`: the unpacked `sft_arrays` of the examples; `source` and `batch_key` name
     the records and the batch-size key in errors."""
-    n = len(arrays["tokens"])
-    if batch_size < 1:
-      raise ValueError(f"{batch_key} is {batch_size}; it must be >= 1.")
-    if n < batch_size:
-      raise ValueError(f"{source or 'dataset'}: {n} records, fewer than one batch of "
-                       f"{batch_size} ({batch_key}); give more records or a smaller batch.")
-    if batch_size % process_count:
-      raise ValueError(f"{batch_key} {batch_size} must divide by the {process_count} "
-                       "processes; choose a multiple of the process count.")
+    batching.check_batches(len(arrays["tokens"]), batch_size, process_count, source,
+                           batch_key)
     self.arrays, self.batch_size, self.seed, self.pad_id = arrays, batch_size, seed, pad_id
     self.row_len = arrays["tokens"].shape[1]
     self.starts_N, self.lengths_N = example_spans(arrays["mask"])

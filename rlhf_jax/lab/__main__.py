@@ -31,7 +31,7 @@ import tqdm
 from absl import app, logging
 
 from rlhf_jax import main as main_lib  # its --config (here the lab's) and --workdir
-from rlhf_jax import pipeline, sharding, validate
+from rlhf_jax import artifacts, pipeline, sharding, validate
 from rlhf_jax.fileio import atomic_write
 from rlhf_jax.lab import bon_curves, ensemble, proxies, report, rl_curves
 from rlhf_jax.rl import ensembles
@@ -72,13 +72,6 @@ def check(config) -> None:
                      "rm.data.train_path / tfds_name.")
 
 
-def _scores(fn, params, samples, rows: int, mesh) -> np.ndarray:
-  """`fn(params, tokens, mask) -> [..., B]` over every sample, [..., N] on the host."""
-  outs = sharding.for_each_batch(lambda _, b: fn(params, b["tokens"], b["mask"]),
-                                 {"tokens": samples.seq, "mask": samples.seq_mask}, rows, mesh)
-  return np.concatenate(outs, axis=-1)[..., :len(samples.seq)]
-
-
 def _train_rms(config, policy, prefs, task, mesh, workdir, bar, costs):
   rms, rewards = {}, {}
   for name, index in proxies.subsets(len(prefs.train), config.lab, config.seed).items():
@@ -106,10 +99,12 @@ def _curves(config, policy, task, rewards, ens, mesh, bar, costs) -> list[dict]:
   t0, rows, points = time.perf_counter(), lab.bon.batch_size * g, []
   for name, reward in rewards.items():
     if name.startswith("pairs_"):
-      proxy = _scores(jax.jit(reward.score), reward.params, samples, rows, mesh)
+      proxy = artifacts.sequence_scores(jax.jit(reward.score), reward.params, samples.seq,
+                                        samples.seq_mask, rows, mesh)
       points += bon_curves.points(name, proxy.reshape(len(prompts), g), gold, lab.bon.n)
   if ens is not None:
-    scores_KxN = _scores(jax.jit(ens.scores), ens.params, samples, rows, mesh)
+    scores_KxN = artifacts.sequence_scores(jax.jit(ens.scores), ens.params, samples.seq,
+                                           samples.seq_mask, rows, mesh)
     for k, s in enumerate(scores_KxN):
       points += bon_curves.points(f"member_{k}", s.reshape(len(prompts), g), gold, lab.bon.n)
     for objective in lab.objectives:
