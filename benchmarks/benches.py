@@ -157,6 +157,7 @@ class Prepared:
   cfg: Any
   n_params: int
   mesh: Any = None
+  init: dict = dataclasses.field(default_factory=dict)  # init_sharded's time and compile
 
 
 def prepare_generate(seed: int = 0, cfg=None) -> Prepared:
@@ -240,15 +241,29 @@ def bench_generate(args, ct: CompileTimer) -> dict:
 # ---------------------------------------------------------------------------------------------
 # b./c. sft_step, rm_step: the shared jitted train step
 # ---------------------------------------------------------------------------------------------
+def timed_init(create, mesh, ct: CompileTimer | None = None):
+  """(graphdef, params, {init_s, init_compile_s, ...}): `sharding.init_sharded`, timed to
+  the parameters' arrival, with its compile events when a CompileTimer is given."""
+  from rlhf_jax import sharding
+  before = ct.snapshot() if ct else None
+  t0 = time.perf_counter()
+  graphdef, params = sharding.init_sharded(create, mesh)
+  _block(params)
+  info = {"init_s": round(time.perf_counter() - t0, 3)}
+  if ct:
+    info.update({f"init_{k}": v for k, v in ct.since(before).items()})
+  return graphdef, params, info
+
+
 def prepare_train_step(model_cls, loss_fn, optim_cfg, host_batch, seed: int = 0,
-                       cfg=None) -> Prepared:
+                       cfg=None, ct: CompileTimer | None = None) -> Prepared:
   """The library's train step (`make_train_step`, sharded on the mesh, state donated)."""
   from rlhf_jax import sharding
   from rlhf_jax.train import optim, state as state_lib
 
   cfg = cfg or model_config()
   mesh = make_mesh()
-  graphdef, params = sharding.init_sharded(lambda: model_cls(cfg, nnx.Rngs(params=seed)), mesh)
+  graphdef, params, init = timed_init(lambda: model_cls(cfg, nnx.Rngs(params=seed)), mesh, ct)
   n_params = _n_params(params)
   tx = optim.make_optimizer(optim_cfg)
   state, shardings = state_lib.create_train_state(params, tx, mesh)
@@ -261,8 +276,8 @@ def prepare_train_step(model_cls, loss_fn, optim_cfg, host_batch, seed: int = 0,
     holder["state"], metrics = step(holder["state"], batch)
     _block((holder["state"], metrics))
 
-  return Prepared(run, lambda: [("train_step", step.jitted, (holder["state"], batch))], cfg,
-                  n_params, mesh)
+  return Prepared(run, lambda: [("train_step", step.jitted, step.args(holder["state"], batch))],
+                  cfg, n_params, mesh, init)
 
 
 def _train_step_bench(args, ct, prep: Prepared, optim_cfg):
@@ -277,7 +292,7 @@ def _train_step_bench(args, ct, prep: Prepared, optim_cfg):
 
 
 def prepare_sft_step(seed: int = 0, cfg=None, batch: int = SFT_BATCH,
-                     seq: int = SFT_SEQ) -> Prepared:
+                     seq: int = SFT_SEQ, ct: CompileTimer | None = None) -> Prepared:
   from rlhf_jax.models import PolicyModel
   from rlhf_jax.stages.sft import sft_loss
 
@@ -287,7 +302,7 @@ def prepare_sft_step(seed: int = 0, cfg=None, batch: int = SFT_BATCH,
   ones = np.ones_like(x)
   # loss_mask all ones = loss on every position (the peer's labels=input_ids): seq-1 targets/row
   host = {"tokens": x, "mask": ones, "loss_mask": ones}
-  return prepare_train_step(PolicyModel, sft_loss, SFT_OPTIM, host, seed, cfg)
+  return prepare_train_step(PolicyModel, sft_loss, SFT_OPTIM, host, seed, cfg, ct)
 
 
 def prepare_rm_step(seed: int = 0) -> Prepared:
@@ -345,7 +360,8 @@ class PreparedPPO:
     self.n_params = _n_params(setup.state.params)
     self.iterate = ppo_it.BenchIteration(self.config, setup)
     rng = np.random.default_rng(seed)
-    self.prompts = random_tokens(rng, (iters, PPO_BATCH, PPO_PROMPT))
+    self.prompts = rng.integers(FIRST_NORMAL_ID, self.cfg.vocab_size,
+                                (iters, PPO_BATCH, PPO_PROMPT), dtype=np.int32)
     self.state = setup.state
     del setup
     self.it = 0
@@ -362,9 +378,10 @@ class PreparedPPO:
     return self.iterate.programs()
 
 
-def bench_ppo_iteration(args, ct: CompileTimer) -> dict:
+def bench_ppo_iteration(args, ct: CompileTimer, cfg=None) -> dict:
+  """`cfg`: another model shape (`--preset` runs it at the accelerator shapes)."""
   iters = args.ppo_warmup + args.ppo_iters + args.max_retries
-  prep = PreparedPPO(args.seed, iters)
+  prep = PreparedPPO(args.seed, iters, cfg)
   cfg = prep.cfg
 
   att = measure.Attempts(args.ppo_iters, args.max_retries)
@@ -431,7 +448,7 @@ def bench_ppo_iteration(args, ct: CompileTimer) -> dict:
       "code": "rlhf_jax.stages.ppo.Iteration (make_sampler, RM score, rl.ppo_fn.experience, "
               "rl.ppo_fn.loss on ActorCritic, make_train_step), set up by "
               "benchmarks/ppo_iteration.py",
-      "dtype": MODEL["dtype"],
+      "dtype": cfg.dtype,
       "n_params_trained": prep.n_params,
   }
   return out

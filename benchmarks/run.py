@@ -7,6 +7,7 @@ r"""Benchmarks of rlhf_jax against the PyTorch/transformers/TRL peer, on the sam
     python -m benchmarks.run --rounds 3 --with-peer /work/peer_venv/bin/python \
         --out ours.jsonl --peer-out peer.jsonl --readme README.md   # alternate both sides
     python -m benchmarks.run --preset 1b                       # accelerator: SFT-step MFU, ~1B
+    python -m benchmarks.run --preset 7b --aot                 # compile + XLA memory, 7B, any host
 
 stdout gets one JSON line per measurement (the peer's fields: bench, metric, value,
 median_s, min_s, times_s, cpu, peak_rss_mib, shape, versions; plus compile_s, first_call_s,
@@ -71,13 +72,29 @@ def _parser():
   p.add_argument("--ours", metavar="OURS_JSONL", help="our JSON lines for --compare")
   p.add_argument("--readme", metavar="README", help="rewrite the section between "
                  "<!-- bench:start --> and <!-- bench:end --> of this file with the table")
-  # accelerator mode
-  p.add_argument("--preset", choices=("1b", "tiny"),
-                 help="accelerator mode: MFU of the SFT step at a ~1B LLaMA shape "
-                      "('tiny': the same code on a small shape, a CPU smoke test)")
+  # accelerator mode (benchmarks/accel.py)
+  p.add_argument("--preset", choices=("1b", "7b", "tiny"),
+                 help="accelerator mode: the SFT step at the TinyLlama-1.1B ('1b') or "
+                      "LLaMA-2-7B ('7b') shape: MFU, compile times, memory ('tiny': the same "
+                      "code on a small shape, a CPU smoke test)")
   p.add_argument("--batch", type=int, default=0, help="--preset: batch (default 8)")
   p.add_argument("--seq", type=int, default=0, help="--preset: sequence length (default 1024)")
   p.add_argument("--dtype", default="bfloat16", help="--preset: compute dtype (params f32)")
+  p.add_argument("--remat", choices=("none", "full", "dots_saveable", "minimal"),
+                 help="--preset: model.remat (default: none; 7b: full)")
+  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
+                 help="--preset: model.scan_layers, one lax.scan over the blocks (default: "
+                      "off; 7b: on)")
+  p.add_argument("--attention", choices=("xla", "cudnn", "auto"), default="auto",
+                 help="--preset: model.attention_impl (auto: cuDNN flash attention on an "
+                      "NVIDIA GPU, XLA elsewhere)")
+  p.add_argument("--aot", action="store_true",
+                 help="--preset: only lower + compile the init programs and the SFT step at "
+                      "full shape (no parameters allocated): compile times and XLA's memory "
+                      "analysis; the default on CPU for 1b / 7b")
+  p.add_argument("--ppo", action="store_true",
+                 help="--preset: one PPO iteration (benchmarks/ppo_iteration.py, 16 prompts "
+                      "x 64 + 64) with this model shape instead of the SFT step")
   p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                  help="--preset: override a TransformerConfig field, e.g. num_layers=2")
   return p

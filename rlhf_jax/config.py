@@ -35,6 +35,7 @@ PRESETS = ("", "test", "moe", "smollm2", "arithmetic")
 def model_config(**overrides) -> ml_collections.ConfigDict:
   cfg = TransformerConfig().to_dict()  # includes the `moe` sub-dict (num_experts=0: dense)
   cfg.pop("vocab_size")  # Set by the tokenizer.
+  cfg.pop("lora")  # Set per stage from the top-level `lora` section.
   cfg.update(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=344)
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
@@ -88,6 +89,13 @@ def _shared(c: ml_collections.ConfigDict) -> None:
   ))
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0,
                                                min_new_tokens=0))
+  # LoRA (rlhf_jax/models/lora.py): rank > 0 trains low-rank adapters on the `targets`
+  # projections (and the scalar heads) of the networks of `stages` ("all", or e.g. "ppo,rm"),
+  # the base frozen. dropout: SFT / RM only (RL needs ratio-exactly-1 replays).
+  # train_lm_head: the policy's LM head trains fully too (PEFT's modules_to_save).
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,
+                                           targets="q,k,v,o,gate,up,down", stages="all",
+                                           train_lm_head=False))
 
 
 def _sft_section() -> ml_collections.ConfigDict:

@@ -11,7 +11,9 @@ the tokenizer kinds).
 Where things are: `<W>/<stage>/checkpoints` holds the final params and `summary.json` marks a
 finished stage. The RL and DPO stages save no model config or tokenizer of their own: theirs
 are the SFT run's they started from (`settings.json`'s `sft_checkpoint`, else `<W>/sft`).
-PPO's checkpoint is the actor-critic; only its policy is exported. Every check runs before
+PPO's checkpoint is the actor-critic; only its policy is exported. A LoRA stage's checkpoint
+holds adapters only: they are merged into the base its `lora.json` points at. Every check
+runs before
 anything is written, and the files go to a temporary folder beside `--out` that is renamed
 into place at the end, so a failed export leaves no partial `--out`.
 """
@@ -29,13 +31,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
-from rlhf_jax import artifacts, export_tokenizer
+from rlhf_jax import artifacts, export_tokenizer, sharding
 from rlhf_jax.fileio import write_json
 from rlhf_jax.config import RL_STAGES
 from rlhf_jax.data import tokenizer as tokenizer_lib
-from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, hf_export
+from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, hf_export, lora
 from rlhf_jax.train import checkpoint
 
 POLICY_STAGES = ("sft",) + RL_STAGES + ("dpo",)
@@ -132,8 +134,30 @@ def restore_params(source: Source) -> tuple[dict, int]:
     if "policy" not in pure:
       raise ValueError(f"{ckpt_dir}/{step}: not a PPO actor-critic checkpoint (no 'policy').")
     pure = pure["policy"]
+  if artifacts.read_lora(source.folder) is not None:
+    pure = _lora_merged(source, pure)
   _check_tree(source, pure, f"{ckpt_dir}/{step}")
   return pure, step
+
+
+def _lora_merged(source: Source, adapters: dict) -> dict:
+  """The dense params of a LoRA stage (whose checkpoint holds `adapters` and heads only): an
+  SFT or RM folder loads merged (`artifacts.load_network`); an RL stage's adapters are merged
+  into the SFT policy it started from (`lora.json`'s pointer)."""
+  lora_cfg, base = artifacts.read_lora(source.folder)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, expert=1, num_devices=1))
+  if source.stage in ("sft", "rm"):
+    load = artifacts.load_reward_model if source.stage == "rm" else artifacts.load_policy
+    return _host_pure_dict(nnx.to_pure_dict(load(source.folder, mesh).params))
+  if not os.path.isdir(base.get("policy", "")):
+    raise FileNotFoundError(f"{source.folder}/{artifacts.LORA}: its base, the SFT folder "
+                            f"{base.get('policy')!r}, is gone; LoRA checkpoints hold adapters "
+                            "only, so the base is needed to export them.")
+  flat = lambda tree: {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
+  full = flat(_host_pure_dict(nnx.to_pure_dict(artifacts.load_policy(base["policy"],
+                                                                     mesh).params)))
+  full.update(flat(adapters))  # checkpoint keys are strings ("0"), nnx's layer indices ints
+  return lora.merge_pure(traverse_util.unflatten_dict(full), lora_cfg.scale)
 
 
 def _host_pure_dict(tree):

@@ -21,20 +21,12 @@ rules table and the mesh, as `sharding.param_shardings` places it. Trained netwo
 gradients and AdamW's two moments (in the parameter dtype, as optax keeps them), plus a
 gradient accumulator with `<stage>.optim.grad_accum_steps` > 1.
 
-Activations are an analytic model of what a step keeps per device (batch rows split over
-data x fsdp x expert; heads, MLP and vocab over tensor; no rematerialisation), per token
-and layer, bytes of the compute dtype unless noted:
-    residual stream and the two norm outputs         4 D
-    q, k, v; q, k after RoPE; attention output        (3 N + 3 K) H / tensor
-    SwiGLU gate, up, silu(gate), product             4 F / tensor
-    attention logits and weights (float32)            8 N T / tensor
-and float32 logits, log-softmax and their gradient, 12 V / tensor, at each position whose
-logits are read (SFT: all but the last, `model.ce_chunk_len` of them at a time; PPO, the group
-stages and DPO: the response; sampling: the last prompt token). A training step keeps all
-layers for the backward pass; a forward-only pass (experience, DPO's reference log-probs, RM
-scores) one layer at a time plus its logits. Generation holds a KV cache of 2 L T K H
-(compute dtype) per row; G samples per prompt (group stages, best-of-N) prefill each prompt
-once and repeat its cache G times. The phases, per stage:
+Activations are an analytic model of what a step keeps per device, per token and layer,
+`model.remat` included: see `activation_memory.py`. LM logits are counted at each position
+whose logits are read (SFT: all but the last, `model.ce_chunk_len` of them at a time; PPO, the
+group stages and DPO: the response; sampling: the last prompt token). Generation with
+`model.scan_layers` also holds one unscanned copy of the sampled policy's weights
+(`transformer.unscanned`). The phases, per stage:
     sft          train step (batch / micro-batches); eval sampling
     rm           train step (2 x pairs / micro-batches); preference sampling
     ppo, grpo,   rollout (B prompts x G samples; PPO G = 1); experience forward of the B G
@@ -65,7 +57,8 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax import config as config_lib, scale, sharding
-from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, ValueModel
+from rlhf_jax.activation_memory import Activations
+from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, ValueModel, lora
 
 GIB = 1024 ** 3
 
@@ -117,21 +110,23 @@ def _shard_elems(shape, logical, mesh: Mapping[str, int], rules) -> int:
 
 
 def network_params(model_cls, cfg: TransformerConfig, mesh: Mapping[str, int],
-                   rules=sharding.LOGICAL_AXIS_RULES) -> tuple[int, int]:
-  """(bytes per device, parameter count) of `model_cls(cfg, rngs)`, never allocated."""
+                   rules=sharding.LOGICAL_AXIS_RULES, keep=None) -> tuple[int, int]:
+  """(bytes per device, parameter count) of `model_cls(cfg, rngs)`, never allocated; with
+  `keep` (an nnx path filter, e.g. `lora.Trainable`) of those parameters only."""
   per_device, count = 0, 0
-  for shape, dtype, logical in _abstract_params(model_cls, cfg):
-    per_device += _shard_elems(shape, logical, mesh, rules) * np.dtype(dtype).itemsize
-    count += math.prod(shape)
+  for path, shape, dtype, logical in _abstract_params(model_cls, cfg):
+    if keep is None or keep(path):
+      per_device += _shard_elems(shape, logical, mesh, rules) * np.dtype(dtype).itemsize
+      count += math.prod(shape)
   return per_device, count
 
 
 @functools.lru_cache(maxsize=32)  # building a 7B model abstractly takes a second or two
 def _abstract_params(model_cls, cfg: TransformerConfig):
-  """(shape, dtype, logical axes) of every parameter."""
+  """(path, shape, dtype, logical axes) of every parameter (LoRA's dropout keys are none)."""
   _, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(0))))
-  return tuple((tuple(v.shape), v.dtype, v.get_metadata().get("logical_axes"))
-               for v in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  return tuple((path, tuple(v.shape), v.dtype, v.get_metadata().get("logical_axes"))
+               for path, v in nnx.to_flat_state(abstract) if isinstance(v, nnx.Param))
 
 
 def _vocab_size(config) -> tuple[int, str]:
@@ -153,48 +148,6 @@ def _model_config(config) -> tuple[TransformerConfig, str]:
   return TransformerConfig.from_config(dict(config.model, vocab_size=vocab)), source
 
 
-class _Activations:
-  """Bytes per device of activations for one network shape on one mesh."""
-
-  def __init__(self, cfg: TransformerConfig, mesh: Mapping[str, int]):
-    self.cfg = cfg
-    self.rows = math.prod(mesh[a] for a in sharding.BATCH_AXES)
-    self.tp = mesh["tensor"]
-    self.dt = np.dtype(cfg.jnp_dtype).itemsize
-
-  def local_rows(self, batch: int) -> int:
-    return -(-batch // self.rows)
-
-  def per_token_layer(self, t: int) -> float:
-    c = self.cfg
-    n, k, h = c.num_heads, c.num_kv_heads, c.resolved_head_dim
-    f = (c.moe.expert_mlp_dim or c.mlp_dim) if c.moe.num_experts else c.mlp_dim
-    return (self.dt * (4 * c.d_model + (3 * n + 3 * k) * h / self.tp + 4 * f / self.tp)
-            + 8 * n * t / self.tp)
-
-  def logits_per_token(self) -> float:
-    return 12 * self.cfg.vocab_size / self.tp
-
-  def train(self, batch: int, t: int, logit_positions: int | None = None) -> float:
-    """`logit_positions` per row get LM logits (default all t; 0: a scalar head)."""
-    rows = self.local_rows(batch)
-    logits = t if logit_positions is None else logit_positions
-    return rows * (t * self.cfg.num_layers * self.per_token_layer(t)
-                   + logits * self.logits_per_token())
-
-  def forward(self, batch: int, t: int, logit_positions: int | None = None) -> float:
-    rows = self.local_rows(batch)
-    logits = t if logit_positions is None else logit_positions
-    return rows * (t * self.per_token_layer(t) + logits * self.logits_per_token())
-
-  def generate(self, batch: int, prompt_len: int, new_tokens: int, samples: int = 1) -> float:
-    """`samples` responses to each of `batch` prompts: one prefill, its cache repeated."""
-    c = self.cfg
-    rows, t = self.local_rows(batch * samples), prompt_len + new_tokens
-    cache = 2 * c.num_layers * rows * t * c.num_kv_heads * c.resolved_head_dim * self.dt / self.tp
-    return cache + self.forward(batch, prompt_len, 1)  # + the prefill (last position's logits)
-
-
 def _trained(name: str, param_bytes: float, accum: int) -> list[Part]:
   parts = [Part(f"{name} params", param_bytes), Part(f"{name} grads", param_bytes),
            Part(f"{name} AdamW moments", 2 * param_bytes)]
@@ -211,7 +164,7 @@ class _Stage:
   name: str
   mesh: dict[str, int]
   model_cfg: TransformerConfig
-  act: _Activations
+  act: Activations
   resident: list[Part] = dataclasses.field(default_factory=list)
   phases: list[Part] = dataclasses.field(default_factory=list)
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -247,8 +200,24 @@ class _Stage:
     self.counts[network] = count
     return per_device
 
-  def trained(self, network: str, model_cls=PolicyModel) -> None:
-    self.resident += _trained(network, self.params(network, model_cls), self.accum)
+  @property
+  def adapters(self) -> lora.LoRAConfig:
+    return lora.for_stage(self.config, self.name)
+
+  def trained(self, network: str, model_cls=PolicyModel, base_shared: bool = False) -> None:
+    """A trained network: all of it, or with LoRA its frozen base (none when `base_shared`:
+    the arrays of a network counted elsewhere) + adapters and heads with their gradients
+    and AdamW moments."""
+    if not self.adapters.enabled:
+      self.resident += _trained(network, self.params(network, model_cls), self.accum)
+      return
+    if not base_shared:
+      self.frozen(f"{network} base", network, model_cls)
+    cfg = dataclasses.replace(self.model_cfg, lora=self.adapters)
+    keep = lora.trainable_of(cfg) if model_cls is PolicyModel else lora.is_trainable
+    nbytes, count = network_params(model_cls, cfg, self.mesh, keep=keep)
+    self.counts[f"{network} trained (LoRA)"] = count
+    self.resident += _trained(f"{network} adapters + heads", nbytes, self.accum)
 
   def frozen(self, label: str, network: str, model_cls=PolicyModel) -> None:
     self.resident.append(Part(f"{label} params (frozen)", self.params(network, model_cls)))
@@ -266,8 +235,12 @@ class _Stage:
   def sampling(self, label: str, prompts: int, samples: int = 1) -> None:
     """Generation of `samples` responses to each of `prompts` prompts."""
     what = f"{prompts} prompts" + (f" x {samples}" if samples > 1 else "")
-    self.phase(f"{label} ({what}: KV cache + prefill)",
-               self.act.generate(prompts, self.prompt_len, self.completion_len, samples))
+    nbytes = self.act.generate(prompts, self.prompt_len, self.completion_len, samples)
+    holds = "KV cache + prefill"
+    if self.model_cfg.scan_layers:  # the sampler decodes from an unscanned copy
+      holds += " + unscanned weights"
+      nbytes += network_params(PolicyModel, self.model_cfg, self.mesh)[0]
+    self.phase(f"{label} ({what}: {holds})", nbytes)
 
   def train_step(self, rows: int, logit_positions: int | None = None,
                  critic: bool = False) -> None:
@@ -288,8 +261,9 @@ def _sft_stage(s: _Stage) -> None:
 
 
 def _rm_stage(s: _Stage) -> None:
-  s.trained("reward model", RewardModel)
   s.frozen("SFT policy", "policy")
+  # With LoRA and rm.init="sft" the RM's frozen trunk is the SFT policy's (not copied).
+  s.trained("reward model", RewardModel, base_shared=s.section.init == "sft")
   s.train_step(2 * s.micro_batch, 0)  # chosen and rejected in one forward
   s.sampling("preference sampling", s.section.data.generation_batch_size)
 
@@ -308,12 +282,16 @@ def _online_rl(s: _Stage, prompts: int, samples: int, scalar_networks: int,
 
 
 def _ppo_stage(s: _Stage) -> None:
+  """With LoRA one base serves policy and reference (and a critic on the SFT trunk); a critic
+  from the RM adapts the RM's own arrays when the RM is loaded."""
   p = s.section
   critic_full = p.critic in ("reward", "sft")
-  s.trained("policy")
-  s.trained("critic", ValueModel if critic_full else _ValueHeadOnly)
-  s.frozen("reference policy", "policy")
   has_rm = s.reward_model()
+  s.trained("policy")
+  critic_shares = p.critic in ("sft", "shared") or (p.critic == "reward" and has_rm)
+  s.trained("critic", ValueModel if critic_full else _ValueHeadOnly, base_shared=critic_shares)
+  if not s.adapters.enabled:
+    s.frozen("reference policy", "policy")
   _online_rl(s, p.data.batch_size, 1, 1 + has_rm, critic_full)
 
 
@@ -322,7 +300,8 @@ def _group_stage(s: _Stage) -> None:
   prompt's KV cache prefilled once and repeated)."""
   g = s.section
   s.trained("policy")
-  s.frozen("reference policy", "policy")
+  if not s.adapters.enabled:  # with LoRA the reference is the trained policy's base
+    s.frozen("reference policy", "policy")
   has_rm = s.reward_model()
   _online_rl(s, g.data.batch_size, g.num_generations, int(has_rm), False)
 
@@ -332,7 +311,8 @@ def _dpo_stage(s: _Stage) -> None:
   log-probs of every pair once at the start (no gradients); held-out samples at the end."""
   bs, t, c = s.section.data.batch_size, s.seq_len, s.completion_len
   s.trained("policy")
-  s.frozen("reference policy", "policy")
+  if not s.adapters.enabled:  # with LoRA the reference is the trained policy's base
+    s.frozen("reference policy", "policy")
   s.reward_model()  # loaded for the summary's RM score
   s.phase(f"reference log-probs forward ({2 * bs} x {t})", s.act.forward(2 * bs, t, c))
   s.train_step(2 * s.micro_batch, c)
@@ -367,11 +347,14 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   mesh = resolve_mesh(config.mesh, num_devices)
   # The shared model decides the network shape of every stage (RM and critic reuse it).
   model_cfg, vocab_source = _model_config(config)
-  s = _Stage(config, stage, mesh, model_cfg, _Activations(model_cfg, mesh))
+  s = _Stage(config, stage, mesh, model_cfg, Activations(model_cfg, mesh))
   _STAGE_MODELS[stage](s)
   notes = [f"vocab {model_cfg.vocab_size} ({vocab_source})"]
   if model_cfg.moe.num_experts:
     notes.append("MoE: expert weights exact, activations counted as a dense FFN")
+  if model_cfg.remat != "none" and not model_cfg.scan_layers:
+    notes.append(f"model.remat={model_cfg.remat} counted as none: it needs model.scan_layers "
+                 "to save memory for sure")
   counts = dict(sorted(s.counts.items(), key=lambda kv: kv[0] != "policy"))  # policy first
   return Estimate(stage, mesh, s.resident, s.phases, counts, notes)
 

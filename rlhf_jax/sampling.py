@@ -20,6 +20,7 @@ from flax import nnx
 
 from rlhf_jax import sharding
 from rlhf_jax.data import batching
+from rlhf_jax.models import transformer
 from rlhf_jax.models.transformer import init_cache
 
 
@@ -163,7 +164,8 @@ def make_sampler(graphdef, sampling: SamplingConfig, eos_id: int, pad_id: int):
   s = sampling
 
   def sample(params, prompt_BxP, prompt_mask_BxP, rng):
-    model = nnx.merge(graphdef, params)
+    # Scanned layers (model.scan_layers) decode unscanned: see transformer.unscanned.
+    model = transformer.unscanned(nnx.merge(graphdef, params))
     model.eval()  # MoE layers: eval capacity factor, no router jitter (no-op when dense)
     b, p = prompt_BxP.shape
     cache = init_cache(model.cfg, b, p + s.max_new_tokens)
@@ -172,9 +174,8 @@ def make_sampler(graphdef, sampling: SamplingConfig, eos_id: int, pad_id: int):
     # on all P positions would be P times its FLOPs and a [B, P, V] buffer for nothing.
     first_logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
     if s.num_samples > 1:  # G samples per prompt: the prefill's cache, repeated row-wise
-      first_logits_BxV, cache = jax.tree.map(
-          lambda x: jnp.repeat(x, s.num_samples, axis=0) if x.ndim else x,
-          (first_logits_BxV, cache))
+      first_logits_BxV = jnp.repeat(first_logits_BxV, s.num_samples, axis=0)
+      cache = cache.repeat_rows(s.num_samples)
       b = b * s.num_samples
 
     def step(carry, t):

@@ -37,10 +37,16 @@ SIZES = {
 HARDWARE = {  # devices, GiB per device
     "1gpu": (1, 80), "8gpu": (8, 80), "v4-32": (16, 32), "v5e-16": (16, 16),
 }
-# Per (size, target): mesh, micro-batches per update (`grad_accum`) and `bf16` (parameters,
-# hence AdamW moments, in bfloat16): the first setting, preferring plain data parallelism,
-# float32 master weights and no accumulation, whose estimate (`memory.py`) stays under 85-90%
-# of the device memory for every stage; the README lists the figures.
+# Sizes whose presets scan their layers (`model.scan_layers`): the train step compiles one
+# block instead of 22 / 32 (on CPU, AOT compile of a 22-layer SFT step: see README).
+SCANNED = ("1b", "7b")
+# Per (size, target): mesh, micro-batches per update (`grad_accum`), `bf16` (parameters,
+# hence AdamW moments, in bfloat16) and `remat` (`model.remat`, default "none"): the first
+# setting, preferring plain data parallelism, float32 master weights, no accumulation and no
+# rematerialisation, whose estimate (`memory.py`) stays under 85-90% of the device memory for
+# every stage; the README lists the figures. Except: under fsdp, where every micro-batch
+# gathers every weight again, remat "minimal" (attention and elementwise ops recomputed, the
+# projections kept) replaces micro-batches.
 TUNED = {
     ("125m", "1gpu"): dict(mesh=dict(data=1), grad_accum=1),
     ("125m", "8gpu"): dict(mesh=dict(data=8), grad_accum=1),
@@ -52,13 +58,12 @@ TUNED = {
     ("1b", "v5e-16"): dict(mesh=dict(fsdp=16), grad_accum=1),
     ("7b", "8gpu"): dict(mesh=dict(fsdp=8), grad_accum=1),
     ("7b", "v4-32"): dict(mesh=dict(fsdp=16), grad_accum=1),
-    ("7b", "v5e-16"): dict(mesh=dict(fsdp=16), grad_accum=2, bf16=True),
-}
-UNSUPPORTED = {
-    ("7b", "1gpu"): "PPO holds four 7B networks (policy and critic trained, reference and RM "
-                    "frozen): their parameters, gradients and AdamW moments alone are ~124 GiB "
-                    "even in bfloat16 (~169 GiB with activations), the RM stage ~88 GiB; use "
-                    "7b-8gpu",
+    ("7b", "v5e-16"): dict(mesh=dict(fsdp=16), grad_accum=1, bf16=True, remat="minimal"),
+    # Full fine-tuning does not fit one GPU: PPO's four 7B networks with gradients and AdamW
+    # take ~124 GiB even in bfloat16 (~146 GiB at the peak with remat full), the RM stage
+    # ~84 GiB. LoRA (rank 16, every stage) trains adapters on one frozen bfloat16 base that
+    # the reference (and PPO's critic, on the RM) shares.
+    ("7b", "1gpu"): dict(mesh=dict(data=1), grad_accum=4, bf16=True, remat="full", lora=16),
 }
 NAMES = tuple(SIZES) + tuple(f"{s}-{h}" for s in SIZES for h in HARDWARE if (s, h) in TUNED)
 
@@ -75,8 +80,6 @@ def _parse(preset: str) -> tuple[str, str | None, dict]:
   if size not in SIZES or (target and target not in HARDWARE):
     raise ValueError(f"unknown scale preset {preset!r}; choose a size {tuple(SIZES)}, optionally "
                      f"with a target {tuple(HARDWARE)}, e.g. '7b-8gpu'.")
-  if (size, target) in UNSUPPORTED:
-    raise ValueError(f"scale preset {preset!r} does not fit: {UNSUPPORTED[(size, target)]}.")
   tuned = TUNED[(size, target)] if target else dict(mesh=dict(fsdp=-1), grad_accum=1)
   return size, target or None, tuned
 
@@ -86,7 +89,11 @@ def apply(c: ml_collections.ConfigDict, preset: str) -> None:
   has (`sft`; `sft` and `rm`; or all three)."""
   size, _, tuned = _parse(preset)
   lr_sft, lr_rm, lr_ppo = _LR[size]
+  if tuned.get("lora"):  # adapters learn at ~10x the full fine-tuning rates (LoRA, PEFT)
+    c.lora.update(rank=tuned["lora"], alpha=2.0 * tuned["lora"], stages="all")
+    lr_sft, lr_rm, lr_ppo = 10 * lr_sft, 10 * lr_rm, 10 * lr_ppo
   c.model.update(SIZES[size])
+  c.model.update(scan_layers=size in SCANNED, remat=tuned.get("remat", "none"))
   c.model.update(rope_theta=10_000.0, rms_norm_eps=1e-5, dtype="bfloat16",
                  param_dtype="bfloat16" if tuned.get("bf16") else "float32")
   c.tokenizer.update(kind="sentencepiece", vocab_size=32000)

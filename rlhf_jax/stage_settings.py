@@ -19,6 +19,7 @@ from typing import Any
 from absl import logging
 
 from rlhf_jax.fileio import write_json
+from rlhf_jax.models import lora
 
 FILE = "settings.json"
 # Shared keys each stage's result depends on (beyond its own section).
@@ -59,6 +60,9 @@ def settings(config, stage: str) -> dict[str, Any]:
     _flatten(name, section, out)
     train = {k: v for k, v in config[name].train.to_dict().items() if k not in _WATCHING}
     _flatten(f"{name}.train", train, out)
+    adapters = lora.for_stage(config, name)
+    if adapters.enabled:  # recorded only when on, so older folders (no LoRA) still match
+      _flatten(f"{name}.lora", adapters.to_dict(), out)
   return out
 
 

@@ -12,7 +12,7 @@ import os
 from rlhf_jax import config as config_lib
 from rlhf_jax.data import tasks
 from rlhf_jax.data.tokenizer import TOKENIZER_KINDS
-from rlhf_jax.models import TransformerConfig
+from rlhf_jax.models import TransformerConfig, lora
 from rlhf_jax.rl import advantages, core, losses
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -34,6 +34,7 @@ def check(config) -> None:
   _choice("stage", config.stage, config_lib.STAGES)
   _choice("retrain", config.retrain, ("",) + config_lib.stages_of(config))
   _check_shared(config)
+  _check_lora(config)
   for name in config_lib.stages_of(config):
     if "optim" in config[name]:
       _check_optim(f"{name}.optim", config[name].optim)
@@ -70,6 +71,24 @@ def _check_shared(config) -> None:
                      f"min_new_tokens >= 0; got {s.to_dict()}.")
   if not config.init_from:  # else the pretrained checkpoint decides the architecture
     TransformerConfig.from_config(dict(config.model, vocab_size=256))
+
+
+def _check_lora(config) -> None:
+  """The adapters' keys, which stages may use them, and no dropout where RL replays."""
+  if "lora" not in config or not config.lora.rank:
+    return
+  lora.LoRAConfig.from_config(config.lora)  # rank, alpha, dropout, targets: one line each
+  trained = [s for s in config_lib.stages_of(config) if s != "best_of_n"]
+  stages = [s.strip() for s in str(config.lora.stages).split(",") if s.strip()]
+  unknown = [s for s in stages if s != "all" and s not in config_lib.STAGES]
+  if unknown or not stages:
+    raise ValueError(f"lora.stages is {config.lora.stages!r}; give 'all' or a comma-separated "
+                     f"list of the training stages {','.join(trained)}.")
+  rl = [s for s in trained if s in config_lib.RL_STAGES and lora.for_stage(config, s).enabled]
+  if config.lora.dropout and rl:
+    raise ValueError(f"lora.dropout is {config.lora.dropout} but {rl[0]} trains adapters: RL "
+                     "stages need dropout 0 (their first update checks the probability ratio "
+                     "is exactly 1); set lora.dropout=0 or lora.stages to SFT/RM only.")
 
 
 def increasing_ints(key: str, values) -> tuple[int, ...]:

@@ -1,6 +1,7 @@
 """Per-device memory estimate: exact parameter bytes, activations against XLA's own figure,
 and the scale presets against published parameter counts and their target machines."""
 
+import dataclasses
 import functools
 import math
 import os
@@ -16,7 +17,7 @@ from flax import nnx
 from rlhf_jax import config as config_lib
 from rlhf_jax import memory, scale, sharding
 from rlhf_jax.stages import dpo, grpo, sft
-from rlhf_jax.models import PolicyModel
+from rlhf_jax.models import PolicyModel, lora
 from rlhf_jax.train import optim, state as state_lib
 
 GIB = 2 ** 30
@@ -85,7 +86,7 @@ class CompiledStepTest(absltest.TestCase):
     # Step counters (train state, AdamW, schedule): int32 scalars beside the parameter-shaped state.
     scalars = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim == 0)
     with sharding.use_mesh(mesh):
-      compiled = memory.compiled_step_memory(step.jitted, state, batch)
+      compiled = memory.compiled_step_memory(step.jitted, *step.args(state, batch))
     return compiled, mesh, scalars, batch_bytes
 
   def _check(self, cfg, stage, loss_fn, batch_shapes, rows):
@@ -134,6 +135,59 @@ class CompiledStepTest(absltest.TestCase):
     self.assertBetween(one.resident[0].bytes / eight.resident[0].bytes, 7.5, 8.0)
     self.assertEqual(memory.resolve_mesh(dict(data=2, fsdp=-1, num_devices=0), 16),
                      dict(data=2, fsdp=8, tensor=1, expert=1))
+
+
+class RematTest(absltest.TestCase):
+  """`model.remat` and `model.scan_layers` in the estimate, and against XLA's own figure."""
+
+  def _step(self, est):
+    return _phase(est, "train step").bytes
+
+  def test_policies_shrink_the_train_step_under_scan(self):
+    cfg = _sft_config(dict(data=1))
+    # 4 layers: at 2, keeping every matmul output of both plus one layer's whole set for the
+    # recomputation ("dots_saveable") holds more than no remat.
+    cfg.model.update(num_layers=4, scan_layers=True)
+    steps = {}
+    for remat in ("none", "dots_saveable", "minimal", "full"):
+      cfg.model.remat = remat
+      steps[remat] = self._step(memory.estimate(cfg, 1))
+    self.assertEqual(list(steps), sorted(steps, key=steps.get, reverse=True))
+    # full: per row and token, each of the 4 layers' block input (D = 128 float32) plus one
+    # layer's whole set, and the 63 positions' logits; 16 rows x 64 tokens.
+    per_layer = 4 * (4 * 128 + (3 * 4 + 3 * 2) * 32 + 4 * 256) + 8 * 4 * 64
+    want = 16 * (64 * (4 * 4 * 128 + per_layer) + 63 * 12 * 512)
+    self.assertEqual(steps["full"], want)
+    # Unscanned, remat is counted as none (XLA may keep the activations), and said so.
+    cfg.model.scan_layers = False
+    est = memory.estimate(cfg, 1)
+    self.assertEqual(self._step(est), steps["none"])
+    self.assertIn("model.remat=full counted as none", memory.report(est, GIB))
+    # Scanned, the sampler decodes from an unscanned copy of the policy's weights.
+    cfg.model.update(num_layers=2, remat="none", scan_layers=True)
+    scanned = _phase(memory.estimate(cfg, 1), "eval sampling")
+    cfg.model.scan_layers = False
+    plain = _phase(memory.estimate(cfg, 1), "eval sampling")
+    self.assertIn("unscanned weights", scanned.name)
+    self.assertEqual(scanned.bytes - plain.bytes, 4 * POLICY_PARAMS)
+
+  def test_scanned_remat_full_matches_xla(self):
+    """XLA's temporaries of a scanned remat-full SFT forward + backward (gradients are its
+    output) against the estimate's train-step activations."""
+    cfg = _sft_config(dict(data=1))
+    cfg.model.update(num_layers=3, remat="full", scan_layers=True)
+    cfg.data.update(max_prompt_len=64, max_completion_len=64)
+    model_cfg, _ = memory._model_config(cfg)  # pylint: disable=protected-access
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: PolicyModel(model_cfg, nnx.Rngs(0))))
+    batch = {k: jax.ShapeDtypeStruct((4, 128), jnp.int32) for k in ("tokens", "mask", "loss_mask")}
+    grads = jax.jit(lambda p, b: jax.grad(
+        lambda p: sft.sft_loss(nnx.merge(graphdef, p), b)[0])(p))
+    temp = memory.compiled_step_memory(grads, params, batch)["temp"]
+    cfg.sft.data.batch_size = 4
+    estimate = self._step(memory.estimate(cfg, 1))
+    print(f"scanned remat=full: XLA temp {temp / 2**20:.2f} MiB, estimate "
+          f"{estimate / 2**20:.2f} MiB")
+    self.assertBetween(temp / estimate, 0.8, 1.25)  # 1.0 measured
 
 
 class NewStagesTest(absltest.TestCase):
@@ -265,9 +319,29 @@ class ScalePresetTest(absltest.TestCase):
                            memory.estimate(full_run, n, stage=stage).total_bytes,
                            f"{preset} {stage} of configs/{cfg.stage}.py")
 
+  def test_lora_counts_adapters_and_shares_the_base(self):
+    """7b-1gpu fits only with LoRA: adapters and heads trained, one base for policy and
+    reference, the critic on the RM's own arrays; the counts are the network's own."""
+    cfg = config_lib.ppo_config("7b-1gpu")
+    self.assertEqual(cfg.lora.rank, 16)
+    est = memory.estimate(cfg, 1, stage="ppo")
+    names = [p.name for p in est.resident]
+    self.assertNotIn("reference policy params (frozen)", names)
+    self.assertIn("policy base params (frozen)", names)
+    self.assertNotIn("critic base params (frozen)", names)  # the RM's arrays
+    self.assertIn("policy adapters + heads AdamW moments", names)
+    model_cfg = dataclasses.replace(memory._model_config(cfg)[0],  # pylint: disable=protected-access
+                                    lora=lora.LoRAConfig.from_config(cfg.lora))
+    _, abstract = nnx.split(nnx.eval_shape(lambda: PolicyModel(model_cfg, nnx.Rngs(0))))
+    trained = sum(math.prod(v.shape) for p, v in nnx.to_flat_state(abstract)
+                  if lora.is_trainable(p))
+    self.assertEqual(est.param_counts["policy trained (LoRA)"], trained)
+    cfg.unlock()
+    cfg.lora.rank = 0
+    full = memory.estimate(cfg, 1, stage="ppo")
+    self.assertGreater(full.total_bytes, 2.5 * est.total_bytes)
+
   def test_preset_errors_name_the_fix(self):
-    with self.assertRaisesRegex(ValueError, "7b-1gpu.*does not fit.*use 7b-8gpu"):
-      config_lib.ppo_config("7b-1gpu")
     with self.assertRaisesRegex(ValueError, "choose a size .* optionally with a target"):
       config_lib.sft_config("7b-a100")
     small = memory.estimate(config_lib.ppo_config("7b-8gpu"), 8)  # the run's last stage

@@ -85,6 +85,27 @@ class MeshTest(parameterized.TestCase):
       sharding.shard_batch({"tokens": np.zeros((4, 3))}, mesh)
 
 
+class InitShardedTest(parameterized.TestCase):
+
+  def test_values_are_the_constructors_and_programs_are_shared(self):
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    create = lambda: PolicyModel(CFG, nnx.Rngs(params=5))
+    _, treedef, calls = sharding.init_programs(create, mesh)
+    with sharding.use_mesh(mesh):  # what init_sharded runs
+      params = jax.tree.unflatten(treedef, [program(*args) for program, args in calls])
+    # Bit-identical to the constructor run as one jitted program (the former init_sharded).
+    want = jax.jit(lambda: nnx.split(create())[1])()
+    self.assertEqual(jax.tree.structure(params), jax.tree.structure(want))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 params, want)
+    # One program per distinct parameter computation, shared by the layers: embed, lm_head,
+    # q, k (= v), o, gate (= up), down, the norm scales.
+    self.assertLen({id(program) for program, _ in calls}, 8)
+    self.assertLen(calls, 2 + 2 * 9 + 1)
+    up = params["trunk"]["blocks"][1]["mlp"]["up_DxF"][...]
+    self.assertEqual(up.sharding.spec, P("fsdp", "tensor"))
+
+
 class ShardedNumericsTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*MESHES)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from rlhf_jax.keys import check_known_keys
+from rlhf_jax.models.lora import LoRAConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -64,6 +65,10 @@ class MoEConfig:
     return self.num_experts > 0 and (layer + 1) % self.moe_every == 0
 
 
+# model.remat: what a block keeps for its backward pass (see transformer.REMAT_POLICIES).
+REMAT_CHOICES = ("none", "full", "dots_saveable", "minimal")
+# model.attention_impl: the kernel of attention without a KV cache (layers.attention_kernel).
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 ROPE_SCALING_KINDS = ("none", "linear", "llama3")
 
 
@@ -117,6 +122,20 @@ class TransformerConfig:
   # The SFT loss runs the LM head + cross-entropy over chunks of this many positions, with
   # no [B, T, V] logits in memory (lm_loss.py); 0: all positions at once.
   ce_chunk_len: int = 128
+  # One `lax.scan` over the blocks, their parameters stacked on a leading `layers` axis
+  # (groups of `moe.moe_every` layers with MoE): compile time no longer grows with depth.
+  scan_layers: bool = False
+  # Rematerialisation of each block in training forwards (transformer.REMAT_POLICIES):
+  # "none", "full", "dots_saveable" or "minimal"; with scan_layers (unrolled, XLA may keep
+  # the activations anyway).
+  remat: str = "none"
+  # Attention without a KV cache (training and scoring forwards): "xla" (XLA's ops, [B, N,
+  # T, T] logits in memory), "cudnn" (cuDNN flash attention: NVIDIA GPU, bfloat16/float16
+  # `dtype`) or "auto" (cudnn where it can run, xla elsewhere). Same maths: layers.py.
+  attention_impl: str = "xla"
+  # Low-rank adapters on the projections (lora.py); set per stage from the top-level `lora`
+  # section (`lora.for_stage`), rank 0 (none) otherwise.
+  lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
   def __post_init__(self):
     def need(ok: bool, msg: str):
@@ -136,6 +155,13 @@ class TransformerConfig:
          f"head dim {self.resolved_head_dim} must be even for rotary embeddings.")
     need(self.ce_chunk_len >= 0, f"`ce_chunk_len` must be >= 0 (0: no chunks), got "
          f"{self.ce_chunk_len}.")
+    need(self.remat in REMAT_CHOICES,
+         f"`model.remat` is {self.remat!r}; choose one of {REMAT_CHOICES}.")
+    need(self.attention_impl in ATTENTION_IMPLS,
+         f"`model.attention_impl` is {self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
+    need(self.attention_impl != "cudnn" or self.dtype in ("bfloat16", "float16"),
+         f"`model.attention_impl='cudnn'` needs `model.dtype` bfloat16 or float16 (got "
+         f"{self.dtype!r}); set --config.model.dtype=bfloat16 or attention_impl=auto.")
     for name in ("param_dtype", "dtype"):
       need(getattr(self, name) in _DTYPES,
            f"`{name}` is {getattr(self, name)!r}; choose one of {sorted(_DTYPES)}.")
@@ -144,6 +170,10 @@ class TransformerConfig:
     need(isinstance(self.rope_scaling, RopeScaling),
          f"`rope_scaling` must be a RopeScaling (from_config builds it from a dict), got "
          f"{self.rope_scaling!r}.")
+    need(not (self.scan_layers and self.moe.num_experts and
+              self.num_layers % self.moe.moe_every),
+         f"`scan_layers` scans groups of `moe.moe_every` ({self.moe.moe_every}) layers, which "
+         f"must divide `num_layers` ({self.num_layers}); change one or set scan_layers=False.")
 
   @property
   def resolved_head_dim(self) -> int:
@@ -162,6 +192,8 @@ class TransformerConfig:
     """From a ConfigDict / dict; unknown keys are an error naming the key."""
     cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     check_known_keys("model", cfg, (f.name for f in dataclasses.fields(cls)))
+    if "lora" in cfg:
+      cfg["lora"] = LoRAConfig.from_config(cfg["lora"])
     for name, sub_cls in (("moe", MoEConfig), ("rope_scaling", RopeScaling)):
       sub = cfg.get(name)
       if sub is not None and not isinstance(sub, sub_cls):

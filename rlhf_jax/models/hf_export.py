@@ -22,6 +22,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from rlhf_jax.fileio import no_space_error
+from rlhf_jax.models import transformer
 from rlhf_jax.models.config import TransformerConfig
 
 # (model_type, what) -> the transformers class named in config.json's `architectures`.
@@ -117,9 +118,11 @@ def _leaf(tree: dict, path: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def trunk_to_hf(cfg: TransformerConfig, trunk: dict) -> dict[str, np.ndarray]:
-  """{hf_name: float32 [out, in] array} of a trunk's pure dict (block keys int or str)."""
+  """{hf_name: float32 [out, in] array} of a trunk's pure dict (block keys int or str;
+  per-layer `blocks` or a scanned trunk's `stacked_blocks`, unstacked here)."""
   d, n, k, h, f = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
                    cfg.mlp_dim)
+  trunk = transformer.per_layer_trunk(cfg, trunk)
   trunk = dict(trunk, blocks={str(i): b for i, b in trunk.get("blocks", {}).items()})
   w = {"model.embed_tokens.weight": _leaf(trunk, "embed_VxD", (cfg.vocab_size, d))}
   for i in range(cfg.num_layers):

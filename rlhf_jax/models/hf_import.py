@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.models.config import RopeScaling, TransformerConfig
+from rlhf_jax.models import transformer
 from rlhf_jax.models.heads import PolicyModel
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -106,15 +107,19 @@ def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
 
 
 def hf_weights_to_params(cfg: TransformerConfig, w: dict[str, np.ndarray], path: str = ""):
-  """nnx.State of a `PolicyModel` from a {hf_name: array} dict."""
+  """nnx.State of a `PolicyModel` from a {hf_name: array} dict (stacked layers with
+  `cfg.scan_layers`)."""
   _, state = nnx.split(nnx.eval_shape(lambda: PolicyModel(cfg, nnx.Rngs(0))))
-  pure = _to_dtype(hf_weights_to_pure(cfg, w, path), cfg.jnp_param_dtype)
+  pure = hf_weights_to_pure(cfg, w, path)
+  pure["trunk"] = transformer.trunk_for(cfg, pure["trunk"])
+  pure = _to_dtype(pure, cfg.jnp_param_dtype)
   nnx.replace_by_pure_dict(state, pure)
   return state
 
 
 def hf_weights_to_pure(cfg: TransformerConfig, w: dict[str, np.ndarray], path: str = ""):
-  """The pure-dict params (numpy, as stored) of a `PolicyModel` from {hf_name: array}."""
+  """The pure-dict params (numpy, as stored) of a `PolicyModel` from {hf_name: array}, one
+  `blocks` entry per layer whatever `cfg.scan_layers` (`transformer.trunk_for` stacks them)."""
   d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
 
   def take(name, shape):

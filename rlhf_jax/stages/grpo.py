@@ -29,7 +29,7 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import artifacts, evaluation, sampling, sharding
-from rlhf_jax.models import PolicyModel, moe
+from rlhf_jax.models import PolicyModel, lora, moe
 from rlhf_jax.models.heads import response_logits
 from rlhf_jax.rl import core
 from rlhf_jax.rl.advantages import ADVANTAGE_ESTIMATORS, Episodes, group_std_is_zero
@@ -194,9 +194,10 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
   of `config.stage` (grpo, rloo or reinforce_pp)."""
   stage = config.stage
   g = config[stage]
-  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))  # the SFT params stay the reference
+  policy = artifacts.start_lora_stage(config, stage, policy, workdir, mesh)
   tx = optim.make_optimizer(g.optim)
-  state, shardings = state_lib.create_train_state(copy(policy.params), tx, mesh)
+  # The SFT policy stays the reference: with LoRA the base is shared, else all is copied.
+  state, shardings = state_lib.create_from(policy.params, tx, mesh, lora.trainable_of(policy.model_config))
   train_prompts = prompts.train
   iterate = Iteration(config, mesh, policy, reward, tx, shardings, evaluation.gold_fn(prompts),
                       stage)

@@ -29,7 +29,7 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import artifacts, evaluation, sampling, sharding
-from rlhf_jax.models import ActorCritic, PolicyModel, ScalarHead, ValueModel
+from rlhf_jax.models import ActorCritic, PolicyModel, ScalarHead, ValueModel, lora
 from rlhf_jax.rl import core, ensembles, ppo_fn
 from rlhf_jax.train import metrics as metrics_lib, optim, runner as runner_lib, state as state_lib
 
@@ -40,7 +40,36 @@ LOG_KEYS = ("objective/scores", "objective/kl", "gold/reward", "loss/policy", "l
 def init_actor_critic(config, policy_cfg, policy_params, reward, mesh):
   """(graphdef, train state, its shardings, optimizer) of what PPO trains: the policy as a
   copy of `policy_params` (the SFT policy, which stays frozen as reference) and the critic
-  chosen by `ppo.critic`."""
+  chosen by `ppo.critic`. With LoRA (`policy_cfg.lora`, `policy_params` then the SFT policy's
+  `artifacts.lora_view`) nothing is copied: policy and critic train adapters (and the value
+  head) on the frozen base arrays, which the reference shares."""
+  p = config.ppo
+  critic_cfg = policy_cfg
+  if p.critic == "reward":
+    critic_cfg = dataclasses.replace(reward.critic_source.model_config, lora=policy_cfg.lora)
+
+  def create():
+    rngs = nnx.Rngs(params=config.seed)
+    if p.critic == "shared":
+      return ActorCritic(PolicyModel(policy_cfg, rngs),
+                         value_head=ScalarHead(policy_cfg, 0.0, rngs))
+    return ActorCritic(PolicyModel(policy_cfg, rngs), critic=ValueModel(critic_cfg, rngs))
+
+  if policy_cfg.lora.enabled:
+    ac_graphdef, ac_params = lora.attach(create, _lora_base(config, policy_cfg, policy_params,
+                                                            reward, mesh), config.seed, mesh)
+    trainable = lora.trainable_of(policy_cfg)
+  else:
+    ac_graphdef, ac_params = _dense_actor_critic(config, create, policy_params, reward, mesh)
+    trainable = None
+  tx = optim.make_optimizer(p.optim)
+  state, shardings = state_lib.create_train_state(ac_params, tx, mesh, trainable)
+  return ac_graphdef, state, shardings, tx
+
+
+def _dense_actor_critic(config, create, policy_params, reward, mesh):
+  """(graphdef, params) of a fully trained actor-critic: copies of the SFT policy (and of the
+  critic's source trunk), so that the SFT params stay the reference."""
   p = config.ppo
   copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
   init = {"policy": nnx.to_pure_dict(copy(policy_params))}
@@ -51,20 +80,26 @@ def init_actor_critic(config, policy_cfg, policy_params, reward, mesh):
   elif p.critic == "sft":  # SFT trunk, zero value head
     init["critic"] = {"trunk": nnx.to_pure_dict(copy(policy_params["trunk"]))}
   # "shared": a zero value head on the policy trunk, nothing to copy.
-
-  def create():
-    rngs = nnx.Rngs(params=config.seed)
-    if p.critic == "shared":
-      return ActorCritic(PolicyModel(policy_cfg, rngs),
-                         value_head=ScalarHead(policy_cfg, 0.0, rngs))
-    critic_cfg = reward.critic_source.model_config if p.critic == "reward" else policy_cfg
-    return ActorCritic(PolicyModel(policy_cfg, rngs), critic=ValueModel(critic_cfg, rngs))
-
   ac_graphdef, ac_params = sharding.init_sharded(create, mesh)
   nnx.replace_by_pure_dict(ac_params, init)
-  tx = optim.make_optimizer(p.optim)
-  state, shardings = state_lib.create_train_state(ac_params, tx, mesh)
-  return ac_graphdef, state, shardings, tx
+  return ac_graphdef, ac_params
+
+
+def _lora_base(config, policy_cfg, policy_params, reward, mesh) -> nnx.State:
+  """The dense actor-critic's state a LoRA one adapts, from the very arrays of the SFT policy
+  and the critic's source trunk (nothing copied), with a fresh or calibrated value head."""
+  p = config.ppo
+  head_cfg = reward.critic_source.model_config if p.critic == "reward" else policy_cfg
+  _, head = sharding.init_sharded(lambda: ScalarHead(head_cfg, 0.0, nnx.Rngs(0)), mesh)
+  if p.critic == "reward":
+    nnx.replace_by_pure_dict(head, calibrated_value_head(reward.critic_source))
+  base = {"policy": lora.base_state(policy_params)}
+  if p.critic == "shared":
+    base["value_head"] = head
+  else:
+    trunk = (reward.critic_source.params if p.critic == "reward" else policy_params)["trunk"]
+    base["critic"] = nnx.State({"trunk": lora.base_state(trunk), "value_head": head})
+  return nnx.State(base)
 
 
 def calibrated_value_head(reward: artifacts.RewardFunction) -> dict:
@@ -84,21 +119,23 @@ class Programs:
   sampler: Callable
   score: Callable | None  # jitted RM score, None with a programmatic reward
   experience: Callable
-  train_step: Callable
+  train_step: state_lib.TrainStep
   calls: dict[str, tuple[Callable, Any]] = dataclasses.field(default_factory=dict)
 
   def call(self, name: str, *args):
     fn = getattr(self, name)
-    if name not in self.calls:
-      self.calls[name] = (fn, jax.tree.map(
+    if name not in self.calls:  # the train step: its compiled function and that one's args
+      jitted, jargs = ((fn.jitted, fn.args(*args)) if isinstance(fn, state_lib.TrainStep)
+                       else (fn, args))
+      self.calls[name] = (jitted, jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-          if isinstance(x, jax.Array) else x, args))
+          if isinstance(x, jax.Array) else x, jargs))
     return fn(*args)
 
   def compiled(self) -> dict[str, int]:
     """Programs compiled per function: 1 each means no recompilation across iterations."""
-    return {k: getattr(self, k)._cache_size() for k in ("sampler", "score", "experience",
-                                                          "train_step") if getattr(self, k)}
+    fns = {k: getattr(self, k) for k in ("sampler", "score", "experience", "train_step")}
+    return {k: getattr(f, "jitted", f)._cache_size() for k, f in fns.items() if f}
 
 
 @dataclasses.dataclass
@@ -144,7 +181,7 @@ class Iteration:
     batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in ppo_fn.EXP_KEYS}
     train_step = state_lib.make_train_step(ac_graphdef, lambda m, b: ppo_fn.loss(m, b, hp), tx,
                                            mesh, shardings, batch_sh, p.optim.grad_accum_steps)
-    self.programs = Programs(sampler, score, experience, train_step.jitted)
+    self.programs = Programs(sampler, score, experience, train_step)
 
   def rollout(self, state, prompts, it: int) -> Rollout:
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), it)
@@ -243,6 +280,7 @@ def run(config, policy: artifacts.Policy, reward, prompts, mesh, workdir: str | 
   summary's)."""
   p = config.ppo
   watch = evaluation.monitor(monitor)
+  policy = artifacts.start_lora_stage(config, "ppo", policy, workdir, mesh)
   ac_graphdef, state, shardings, tx = init_actor_critic(config, policy.model_config,
                                                         policy.params, reward, mesh)
   train_prompts = prompts.train

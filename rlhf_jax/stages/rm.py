@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from flax import nnx
 
 from rlhf_jax import artifacts, sampling, sharding
 from rlhf_jax.data import batching
-from rlhf_jax.models import RewardModel, moe
+from rlhf_jax.models import RewardModel, lora, moe
 from rlhf_jax.train import optim, runner as runner_lib, state as state_lib
 
 
@@ -67,14 +68,22 @@ def run(config: ml_collections.ConfigDict, policy: artifacts.Policy, prefs, task
   graphdef, params = sharding.init_sharded(
       lambda: RewardModel(policy.model_config, nnx.Rngs(params=config.seed)), mesh)
   if r.init == "sft":  # trunk from the SFT policy; the reward head stays freshly initialised
-    # (create_train_state below copies it, so donating the RM state never frees the policy's.)
+    # (create_train_state below copies it, so donating the RM state never frees the policy's;
+    # with LoRA it stays the frozen base, never donated.)
     params["trunk"] = policy.params["trunk"]
+  dense_graphdef, adapters = graphdef, lora.for_stage(config, "rm")
+  if adapters.enabled:  # adapters on the frozen trunk; the reward head trains fully
+    lora_cfg = dataclasses.replace(policy.model_config, lora=adapters)
+    graphdef, params = lora.attach(lambda: RewardModel(lora_cfg, nnx.Rngs(0)), params,
+                                   config.seed, mesh)
   tx = optim.make_optimizer(r.optim)
-  state, shardings = state_lib.create_train_state(params, tx, mesh)
+  state, shardings = state_lib.create_train_state(
+      params, tx, mesh, trainable=lora.is_trainable if adapters.enabled else None)
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in arrays["train"].items()}
   loss_fn = functools.partial(rm_loss, centering_coef=r.loss.centering_coef)
   step = state_lib.make_train_step(graphdef, loss_fn, tx, mesh, shardings, batch_sh,
-                                   r.optim.grad_accum_steps)
+                                   r.optim.grad_accum_steps,
+                                   dropout_seed=config.seed if adapters.dropout else None)
   gold = None
   if task is not None:
     gold = [(task.gold_reward(x["prompt"], x["chosen"]), task.gold_reward(x["prompt"], x["rejected"]))
@@ -98,8 +107,15 @@ def run(config: ml_collections.ConfigDict, policy: artifacts.Policy, prefs, task
   runner.close()
   out_dir = artifacts.stage_dir(workdir, "rm")
   if out_dir and jax.process_index() == 0:
+    if adapters.enabled:  # before summary.json (save_network), which marks the folder done
+      base = {"seed": config.seed}
+      if r.init == "sft":
+        base["trunk_from"] = os.path.abspath(config.get("sft_checkpoint")
+                                             or artifacts.stage_dir(workdir, "sft"))
+      artifacts.write_lora(out_dir, adapters, base)
     artifacts.save_network(out_dir, policy.model_config, tok, metrics, normalization=norm)
-  reward = artifacts.RewardFunction(graphdef, state.params, norm["gain"], norm["bias"],
+  params = artifacts.merged(state.params, adapters) if adapters.enabled else state.params
+  reward = artifacts.RewardFunction(dense_graphdef, params, norm["gain"], norm["bias"],
                                     policy.model_config, tok)
   return Result(reward, metrics, state)
 

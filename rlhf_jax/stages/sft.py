@@ -28,7 +28,7 @@ from flax import nnx
 
 from rlhf_jax import artifacts, sampling, sharding
 from rlhf_jax.data import batching, packing, records as records_lib
-from rlhf_jax.models import PolicyModel, TransformerConfig, lm_loss, moe, pretrained
+from rlhf_jax.models import PolicyModel, TransformerConfig, lm_loss, lora, moe, pretrained
 from rlhf_jax.train import metrics as metrics_lib, optim, runner as runner_lib, state as state_lib
 
 
@@ -95,13 +95,20 @@ def run(config: ml_collections.ConfigDict, data: records_lib.StageData, mesh,
   s, tok = config.sft, data.tokenizer
   arrays, counts = _arrays(config, data)
   graphdef, params, model_cfg = _init_policy(config, tok, mesh, workdir)
+  dense_graphdef, adapters = graphdef, lora.for_stage(config, "sft")
+  if adapters.enabled:  # adapters on the frozen initial policy
+    lora_cfg = dataclasses.replace(model_cfg, lora=adapters)
+    graphdef, params = lora.attach(lambda: PolicyModel(lora_cfg, nnx.Rngs(0)), params,
+                                   config.seed, mesh)
   tx = optim.make_optimizer(s.optim)
-  state, shardings = state_lib.create_train_state(params, tx, mesh)
+  state, shardings = state_lib.create_train_state(
+      params, tx, mesh, trainable=lora.trainable_of(lora_cfg) if adapters.enabled else None)
   batches = _train_batches(config, data, arrays["train"], mesh)
   keys = packing.PACKED_KEYS if config.data.packing else arrays["train"]
   batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in keys}
   step = state_lib.make_train_step(graphdef, sft_loss, tx, mesh, shardings, batch_sh,
-                                   s.optim.grad_accum_steps)
+                                   s.optim.grad_accum_steps,
+                                   dropout_seed=config.seed if adapters.dropout else None)
   evaluate = make_evaluator(graphdef, config, data, arrays["eval"], mesh)
   runner = runner_lib.StageRunner("sft", workdir, runner_lib.LoopConfig.from_section(s.train))
   seq_len = config.data.max_prompt_len + config.data.max_completion_len
@@ -112,8 +119,19 @@ def run(config: ml_collections.ConfigDict, data: records_lib.StageData, mesh,
   metrics.update(truncated_prompts=counts.prompts, truncated_completions=counts.completions)
   out_dir = artifacts.stage_dir(workdir, "sft")
   if out_dir and jax.process_index() == 0:
+    if adapters.enabled:  # before summary.json (save_network), which marks the folder done
+      artifacts.write_lora(out_dir, adapters, _lora_base(config, workdir))
     artifacts.save_network(out_dir, model_cfg, tok, metrics)
-  return Result(artifacts.Policy(graphdef, state.params, model_cfg, tok), metrics, state)
+  params = artifacts.merged(state.params, adapters) if adapters.enabled else state.params
+  return Result(artifacts.Policy(dense_graphdef, params, model_cfg, tok), metrics, state)
+
+
+def _lora_base(config, workdir) -> dict:
+  """Where a LoRA SFT's frozen base comes from (`artifacts.lora_base`)."""
+  if config.init_from:
+    return {"init_from": config.init_from, "model": config.model.to_dict(),
+            "cache_dir": artifacts.stage_dir(workdir, "pretrained")}
+  return {"seed": config.seed}
 
 
 def _arrays(config, data):

@@ -1,7 +1,7 @@
 """Orbax checkpoints with exact resume.
 
-A checkpoint holds the whole `TrainState` (params, optimizer state, step) plus a small JSON
-`meta` (data-iterator position, stage-specific numbers). Randomness is never saved: every
+A checkpoint holds the `TrainState` (its trained params, optimizer state, step; a LoRA
+state's frozen base is not saved, see `train/state.py`) plus a small JSON `meta` (data-iterator position, stage-specific numbers). Randomness is never saved: every
 stage derives its keys as `fold_in(PRNGKey(seed), step)`, so a resumed run draws exactly
 what an uninterrupted one would. Orbax writes into a temporary directory and renames it
 when complete, so an interrupted save never leaves a half-written checkpoint behind.
@@ -74,7 +74,7 @@ class Checkpointer:
     # Params are their own item so that later stages can restore them alone.
     try:
       self._mngr.save(step, args=ocp.args.Composite(
-          params=ocp.args.StandardSave(state.params),
+          params=ocp.args.StandardSave(_trained(state).params),
           train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
           meta=ocp.args.JsonSave(meta)))
       self._mngr.wait_until_finished()
@@ -88,16 +88,18 @@ class Checkpointer:
 
   def restore(self, like, step: int | None = None):
     """(state, meta) at `step` (default: the latest that restores), placed with the
-    shardings of `like`; `state.step` and `meta["step"]` are the step actually restored."""
-    abstract = _abstract(like)
+    shardings of `like`, whose frozen params it keeps; `state.step` and `meta["step"]` are
+    the step actually restored."""
+    abstract = _abstract(_trained(like))
     args = ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract.params),
         train=ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state}),
         meta=ocp.args.JsonRestore())
     step, out = self._restore(step, args, ITEMS)
     logging.info("restored checkpoint %s/%d", self.directory, step)
-    state = like.replace(step=out.train["step"], params=out.params,
-                         opt_state=out.train["opt_state"])
+    joined = like.with_trained(out.params) if hasattr(like, "with_trained") else like.replace(
+        params=out.params)
+    state = joined.replace(step=out.train["step"], opt_state=out.train["opt_state"])
     return state, dict(out.meta)
 
   def restore_params(self, like_params, step: int | None = None):
@@ -180,6 +182,12 @@ class Checkpointer:
 
   def close(self):
     self._mngr.close()
+
+
+def _trained(state):
+  """What a checkpoint holds of `state`: a `TrainState`'s trained part (LoRA: no frozen
+  base), or any object with `params`, `step`, `opt_state` as it is."""
+  return state.trained() if hasattr(state, "trained") else state
 
 
 def _abstract(tree):
