@@ -156,13 +156,13 @@ def _abstract_sft(cfg, batch: int, seq: int, mesh, seed: int):
 
 
 def aot_init(cfg, mesh, seed: int) -> dict:
-  """`sharding.init_programs` at full shape, each distinct program lowered and compiled."""
+  """`sharded_init.init_programs` at full shape, each distinct program lowered and compiled."""
   from flax import nnx
-  from rlhf_jax import sharding
+  from rlhf_jax import sharded_init, sharding
   from rlhf_jax.models import PolicyModel
 
   t0 = time.perf_counter()
-  _, _, calls = sharding.init_programs(lambda: PolicyModel(cfg, nnx.Rngs(params=seed)), mesh)
+  _, _, calls = sharded_init.init_programs(lambda: PolicyModel(cfg, nnx.Rngs(params=seed)), mesh)
   plan_s = time.perf_counter() - t0
   unique = list({id(program): (program, args) for program, args in calls}.values())
   lower_s = compile_s = temp = 0.0

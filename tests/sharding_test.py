@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import sharding
+from rlhf_jax import sharded_init, sharding
 from rlhf_jax.models import PolicyModel, RewardModel, TransformerConfig, ValueModel
 from rlhf_jax.stages.sft import sft_loss
 from rlhf_jax.train import state as state_lib
@@ -90,7 +90,7 @@ class InitShardedTest(parameterized.TestCase):
   def test_values_are_the_constructors_and_programs_are_shared(self):
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
     create = lambda: PolicyModel(CFG, nnx.Rngs(params=5))
-    _, treedef, calls = sharding.init_programs(create, mesh)
+    _, treedef, calls = sharded_init.init_programs(create, mesh)
     with sharding.use_mesh(mesh):  # what init_sharded runs
       params = jax.tree.unflatten(treedef, [program(*args) for program, args in calls])
     # Bit-identical to the constructor run as one jitted program (the former init_sharded).
