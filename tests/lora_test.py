@@ -25,7 +25,8 @@ from rlhf_jax.stages import rm as rm_stage
 from rlhf_jax.stages.sft import sft_loss
 from rlhf_jax.train import state as state_lib
 
-CFG = TransformerConfig(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+# One layer: these tests check the adapters' maths, not depth (compiles halve).
+CFG = TransformerConfig(vocab_size=96, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2,
                         mlp_dim=48, tie_embeddings=True)
 LORA = lora.LoRAConfig(rank=4, alpha=8.0)
 
@@ -188,16 +189,15 @@ class TrainTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(_forward(graphdef, params, b)),
                                   np.asarray(eval_logits))
     tx = optax.sgd(0.0)  # no update: the steps' losses differ only by their dropout masks
-    losses = {}
-    for seed in (0, 1):
-      step = state_lib.make_train_step(graphdef, sft_loss, tx, dropout_seed=seed)
-      for _ in range(2 if seed == 0 else 1):
-        state, _ = state_lib.create_from(params, tx, None, lora.is_trainable)
-        losses.setdefault(seed, []).append(float(step(state, b)[1]["loss"]))
-    self.assertEqual(losses[0][0], losses[0][1])  # same seed, same step: same masks
-    self.assertNotEqual(losses[0][0], losses[1][0])
+    step = state_lib.make_train_step(graphdef, sft_loss, tx, dropout_seed=0)
+    losses = []
+    for at in (0, 0, 1):  # the masks' key: the seed and the state's step
+      state, _ = state_lib.create_from(params, tx, None, lora.is_trainable)
+      losses.append(float(step(state.replace(step=jnp.int32(at)), b)[1]["loss"]))
+    self.assertEqual(losses[0], losses[1])  # same seed, same step: same masks
+    self.assertNotEqual(losses[0], losses[2])
     no_dropout = float(jax.jit(lambda p: sft_loss(nnx.merge(graphdef, p), b)[0])(params))
-    self.assertNotAlmostEqual(losses[0][0], no_dropout, places=4)
+    self.assertNotAlmostEqual(losses[0], no_dropout, places=4)
 
 
 class ConfigTest(parameterized.TestCase):
