@@ -226,7 +226,7 @@ class ConfigTest(parameterized.TestCase):
 class LoraPpoTest(absltest.TestCase):
   """The sentiment task (VADER gold reward): SFT in full, then PPO training adapters on the
   policy and on a critic that shares the SFT trunk (one base copy for policy, reference and
-  critic) plus the LM head, scored by the gold reward."""
+  critic) plus the LM head, scored by the gold reward, 12 iterations."""
 
   @classmethod
   def setUpClass(cls):
@@ -248,7 +248,7 @@ class LoraPpoTest(absltest.TestCase):
 
   def test_gold_reward_rises(self):
     m = self.result.metrics
-    # Measured 0.036 -> 0.106 (SE 0.013, 0.018); a frozen LM head gave no gain here.
+    # Measured 0.036 -> 0.163 (seeds 1, 2: +0.42, +0.056); a frozen LM head gave no gain.
     self.assertGreater(m["final/ppo_gold_reward"], m["final/sft_gold_reward"] + 0.04)
     # Adapters start at B = 0: the first update's ratio is exactly 1 and the KL starts at 0.
     self.assertAlmostEqual(self.rows[0]["policy/first_minibatch_ratio"], 1.0, places=5)
