@@ -17,15 +17,21 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-# The slowest test files first (measured with --durations): with `-n 2 --dist loadscope` the
-# workers take whole classes in collection order, so long classes scheduled last leave one
-# worker idle while the other finishes them (~40 s of a 7.5 min run); short ones go last.
-_SLOW_FIRST = ("multihost_test", "config_test", "ppo_test", "lab_test", "lora_test",
-               "dpo_test", "grpo_test", "sft_test", "moe_test", "pretrained_test")
+# The slowest test classes first (measured with --durations). With `-n 2 --dist loadscope
+# --no-loadscope-reorder` (the README's command) the workers take whole classes in this
+# order, so the short ones fill in at the end: scheduled last, a 40 s class left one worker
+# idle while the other finished it (xdist's own reorder puts classes with many tests first).
+_SLOW_FIRST = ("multihost_test", "config_test::SharedKeysTest", "ppo_test::MoePpoTest",
+               "config_test", "lab_test::LabRunTest", "ppo_test", "lora_test::LoraPpoTest",
+               "dpo_test", "grpo_test", "sft_test", "lora_test", "moe_test", "pretrained_test")
 
 
 def pytest_collection_modifyitems(items):
   def rank(item):
-    name = os.path.splitext(os.path.basename(str(item.fspath)))[0]
-    return _SLOW_FIRST.index(name) if name in _SLOW_FIRST else len(_SLOW_FIRST)
-  items.sort(key=rank)  # stable: the order within a file is kept
+    file = os.path.splitext(os.path.basename(str(item.fspath)))[0]
+    name = f"{file}::{item.cls.__name__}" if item.cls else file
+    for i, prefix in enumerate(_SLOW_FIRST):
+      if name == prefix or name.startswith(prefix + "::") or file == prefix:
+        return i
+    return len(_SLOW_FIRST)
+  items.sort(key=rank)  # stable: the order within a class is kept
