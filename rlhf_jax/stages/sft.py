@@ -96,13 +96,13 @@ def run(config: ml_collections.ConfigDict, data: records_lib.StageData, mesh,
   arrays, counts = _arrays(config, data)
   graphdef, params, model_cfg = _init_policy(config, tok, mesh, workdir)
   dense_graphdef, adapters = graphdef, lora.for_stage(config, "sft")
-  if adapters.enabled:  # adapters on the frozen initial policy
-    lora_cfg = dataclasses.replace(model_cfg, lora=adapters)
-    graphdef, params = lora.attach(lambda: PolicyModel(lora_cfg, nnx.Rngs(0)), params,
-                                   config.seed, mesh)
+  # With LoRA, adapters on the frozen initial policy (the view the RL stages train too).
+  trained = artifacts.lora_view(artifacts.Policy(graphdef, params, model_cfg, tok), adapters,
+                                config.seed, mesh)
+  graphdef, params = trained.graphdef, trained.params
   tx = optim.make_optimizer(s.optim)
   state, shardings = state_lib.create_train_state(
-      params, tx, mesh, trainable=lora.trainable_of(lora_cfg) if adapters.enabled else None)
+      params, tx, mesh, trainable=lora.trainable_of(trained.model_config))
   batches = _train_batches(config, data, arrays["train"], mesh)
   keys = packing.PACKED_KEYS if config.data.packing else arrays["train"]
   batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in keys}
