@@ -171,14 +171,19 @@ def write_lora(out_dir: str, lora_cfg: lora.LoRAConfig, base: dict) -> None:
   write_json(os.path.join(out_dir, LORA), {"lora": lora_cfg.to_dict(), "base": base})
 
 
+def sft_folder(config, workdir: str | None) -> str:
+  """The absolute path of the SFT folder a run's later stages start from: `sft_checkpoint`,
+  else `<workdir>/sft`."""
+  return os.path.abspath(config.get("sft_checkpoint") or stage_dir(workdir, "sft"))
+
+
 def start_lora_stage(config, stage: str, policy: Policy, workdir: str | None, mesh) -> Policy:
   """The policy an RL stage trains (`lora_view` of the SFT `policy` under `lora.for_stage`);
   with LoRA, `<workdir>/<stage>/lora.json` points export at the SFT folder for the base."""
   adapters = lora.for_stage(config, stage)
   out_dir = stage_dir(workdir, stage)
   if adapters.enabled and out_dir and jax.process_index() == 0:
-    sft = config.get("sft_checkpoint") or stage_dir(workdir, "sft")
-    write_lora(out_dir, adapters, {"policy": os.path.abspath(sft)})
+    write_lora(out_dir, adapters, {"policy": sft_folder(config, workdir)})
   return lora_view(policy, adapters, config.seed, mesh)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
@@ -110,8 +109,7 @@ def run(config: ml_collections.ConfigDict, policy: artifacts.Policy, prefs, task
     if adapters.enabled:  # before summary.json (save_network), which marks the folder done
       base = {"seed": config.seed}
       if r.init == "sft":
-        base["trunk_from"] = os.path.abspath(config.get("sft_checkpoint")
-                                             or artifacts.stage_dir(workdir, "sft"))
+        base["trunk_from"] = artifacts.sft_folder(config, workdir)
       artifacts.write_lora(out_dir, adapters, base)
     artifacts.save_network(out_dir, policy.model_config, tok, metrics, normalization=norm)
   params = artifacts.merged(state.params, adapters) if adapters.enabled else state.params
